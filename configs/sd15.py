@@ -1,0 +1,104 @@
+"""TDPO-R on Stable Diffusion 1.5 with the paper's hyper-parameters (DESIGN §3).
+
+Usage:
+  python -m tdpo_jax.main --config=configs/sd15.py --workdir=/tmp/run
+  python -m tdpo_jax.main --config=configs/sd15.py:algorithm=ddpo --config.sample.num_steps=20
+
+The optional argument string is a comma-separated list of `key=value` presets
+(`algorithm=ddpo|tdpo|tdpo_r`, `sd14`).
+"""
+import ml_collections
+
+
+def parse_arg(arg, **defaults):
+  """Parses `"a=1,b"` into a ConfigDict over `defaults` (big_vision style presets)."""
+  parsed = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; expected one of {sorted(defaults)}")
+    parsed[key] = type(defaults[key])(value) if value else True
+  return parsed
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, algorithm="tdpo_r", sd14=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 42
+  # ddpo: critic off, trajectory-level advantage. tdpo: critic on, no reset. tdpo_r: critic + reset.
+  c.algorithm = args.algorithm
+  c.num_epochs = 100
+
+  # Model locations: a local diffusers-format directory, a hub id (where a hub is reachable), or
+  # "tiny:<seed>" for a deterministic tiny random pipeline built on first use.
+  c.pretrained = ml_collections.ConfigDict()
+  c.pretrained.model = "CompVis/stable-diffusion-v1-4" if args.sd14 else "runwayml/stable-diffusion-v1-5"
+  c.pretrained.revision = ""
+  # Where converted weights are cached; "" = next to the originals.
+  c.pretrained.cache_dir = ""
+  # The critic's frozen CLIP image tower (the aesthetic reward's CLIP-L/14).
+  c.pretrained.image_encoder = "openai/clip-vit-large-patch14"
+
+  c.prompts = "simple_animals"  # a shipped prompt set name or a path to a text file (one per line)
+  c.reward = "jpeg_compressibility"
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_steps = 50
+  c.sample.eta = 1.0
+  c.sample.guidance_scale = 5.0
+  c.sample.height = 512
+  c.sample.width = 512
+  c.sample.batch_size = 64  # global images per rollout call
+  c.sample.num_batches_per_epoch = 4  # 256 samples per epoch, as the paper
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8  # global micro-batch (paper: 1 per device x 8 devices)
+  c.train.gradient_accumulation_steps = 16
+  c.train.timestep_fraction = 1.0
+  c.train.cfg = True
+  c.train.learning_rate = 1e-4
+  c.train.critic_learning_rate = 1e-4
+  c.train.adam_beta1 = 0.9
+  c.train.adam_beta2 = 0.999
+  c.train.adam_weight_decay = 1e-4
+  c.train.adam_epsilon = 1e-8
+  c.train.max_grad_norm = 1.0
+  c.train.clip_range = 1e-4
+  c.train.value_clip_range = 0.2
+  c.train.value_coef = 1.0
+  c.train.adv_eps = 1e-8
+  # KL to the pre-trained policy: "none" (paper), "return_penalty" (official code: subtract
+  # 1/2 (log pi - log pi_ref)^2 from the return) or "gaussian" (closed form, in the loss).
+  c.train.kl_mode = "none"
+  c.train.kl_coef = 0.0
+
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = True  # False = full fine-tuning of the UNet
+  c.lora.rank = 4
+  c.lora.alpha = 4.0
+  # Regexes on "/"-joined UNet parameter paths of the Dense kernels to adapt.
+  c.lora.targets = (r".*attn[12]/to_(q|k|v|out_0)/kernel$",)
+
+  c.critic = ml_collections.ConfigDict()
+  c.critic.hidden_sizes = (1024, 128, 64, 16)
+  c.critic.dropout_rates = (0.2, 0.2, 0.1, 0.0)
+  # The official critic has no nonlinearity between layers; "relu"/"gelu"/"silu" are options.
+  c.critic.activation = "identity"
+  c.critic.init_std = 0.0  # 0 = 1/(d+1), d the embedding width (DESIGN §3)
+
+  c.stats = ml_collections.ConfigDict()
+  c.stats.buffer_size = 32
+  c.stats.min_count = 16
+  c.stats.eps = 1e-6
+
+  c.reset = ml_collections.ConfigDict()
+  c.reset.period = 10  # reset after epochs with (epoch + 1) % period == 0
+  c.reset.tau = 0.0
+  c.reset.target = "active"  # "active" = TDPO-R, "dormant" = ReDo
+  c.reset.probe_size = 64
+
+  c.log = ml_collections.ConfigDict()
+  c.log.image_grid_every = 1
+  c.log.num_grid_images = 16
+  c.log.progress = True
+  return c

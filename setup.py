@@ -1,0 +1,35 @@
+"""tdpo_jax: TDPO-R (ICML 2024) reinforcement-learning fine-tuning of diffusion models in JAX/Flax."""
+import setuptools
+
+# Exact pins (DESIGN §6): loose ranges made pip build old tokenizers from source and fail.
+INSTALL_REQUIRES = [
+    "jax[cpu]==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml_collections==1.1.0",
+    "diffusers==0.39.0",
+    "transformers==4.57.6",
+    "huggingface-hub==0.36.2",
+    "tokenizers==0.22.2",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "absl-py==2.5.1",
+    "pillow==13.0.0",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+]
+
+setuptools.setup(
+    name="tdpo_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["tdpo_jax", "tdpo_jax.*"]),
+    package_data={"tdpo_jax": ["prompts/*.txt", "models/tiny_tokenizer/*"]},
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    # torch is only for parity tests against the PyTorch reference implementations; never a
+    # runtime requirement. 2.13.0 is a CPU wheel (a range would pull a multi-GB CUDA build).
+    extras_require={"test": ["pytest==9.2.0", "torch==2.13.0"]},
+)
