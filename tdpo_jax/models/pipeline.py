@@ -1,0 +1,387 @@
+"""Loading a Stable-Diffusion-shaped pipeline (diffusers directory layout) into Flax modules.
+
+Shape legend: B batch, L text length (77), D text hidden width, C/h/w latent channels/height/
+width, H/W image height/width. Latents are NCHW (what the Flax UNet takes); the Flax VAE
+decoder runs NHWC (`decode_latents` transposes explicitly); images are NHWC float32 in [0,1].
+
+A model spec is one of
+  * a local diffusers-format directory: model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/ and optionally image_encoder/;
+  * "tiny:<seed>": a tiny random pipeline built once (`tiny.build_tiny_pipeline`) into a cache dir;
+  * a hub id ("org/name"): downloaded with `huggingface_hub.snapshot_download`.
+Each component dir holds Flax msgpack weights, or PyTorch safetensors that are converted in
+NumPy (no torch) and cached as msgpack for the next load.
+"""
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from transformers.models.clip import modeling_flax_clip
+
+from tdpo_jax.models import convert
+from tdpo_jax.models import image_encoder as image_encoder_lib
+
+DIFFUSERS_WEIGHTS = ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors")
+TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors")
+CONVERTED_NAME = "flax_converted.msgpack"
+REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+DEFAULT_SCALING_FACTOR = 0.18215
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.msgpack", "*/*.safetensors",
+                 "tokenizer/*", "scheduler/*", "*/preprocessor_config.json"]
+
+
+class ModelLoadError(ValueError):
+  """A model spec, directory or weight file that cannot be loaded (one-line message)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pipeline:
+  """Static Flax module handles + frozen param pytrees of a text-to-image pipeline.
+
+  `eq=False` keeps identity hashing (params are dicts), so a pipeline can be closed over or
+  passed as a static argument to `jax.jit`.
+  """
+  unet: diffusers.FlaxUNet2DConditionModel
+  unet_params: dict
+  vae: diffusers.FlaxAutoencoderKL
+  vae_params: dict
+  text_encoder: modeling_flax_clip.FlaxCLIPTextModule
+  text_encoder_params: dict
+  tokenizer: transformers.CLIPTokenizer
+  scheduler_config: dict
+  image_encoder: image_encoder_lib.ImageEncoder | None
+  image_encoder_params: dict | None
+  vae_scaling_factor: float
+
+
+# ---------------------------------------------------------------------------------------------
+# Spec resolution.
+
+
+def _spec_hash(tiny_spec):
+  """Short stable hash of a tiny spec (ConfigDict or dict)."""
+  as_dict = tiny_spec.to_dict() if hasattr(tiny_spec, "to_dict") else dict(tiny_spec)
+  text = json.dumps(as_dict, sort_keys=True, default=list)
+  return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _resolve_tiny(spec, cache_dir, tiny_spec):
+  """Builds (once, atomically) and returns the directory of a "tiny:<seed>" spec."""
+  match = re.fullmatch(r"tiny:(\d+)", spec)
+  if match is None:
+    raise ModelLoadError(f"malformed tiny model spec {spec!r}; expected 'tiny:<seed>' with an "
+                         "integer seed, e.g. 'tiny:0'")
+  if tiny_spec is None:
+    raise ModelLoadError(f"model spec {spec!r} needs tiny_spec (the architecture, e.g. "
+                         "configs/tiny.py tiny_model_spec()); got None")
+  seed = int(match[1])
+  root = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "tdpo_jax")
+  directory = os.path.join(root, f"tiny-seed{seed}-{_spec_hash(tiny_spec)}")
+  if os.path.isfile(os.path.join(directory, "model_index.json")):
+    return directory
+  from tdpo_jax.models import tiny  # noqa: PLC0415  (tiny imports this module)
+  os.makedirs(root, exist_ok=True)
+  temp_dir = tempfile.mkdtemp(dir=root, prefix=".tmp-tiny-")
+  try:
+    tiny.build_tiny_pipeline(temp_dir, tiny_spec, seed=seed)
+    try:
+      os.rename(temp_dir, directory)
+    except OSError:
+      if not os.path.isfile(os.path.join(directory, "model_index.json")):
+        raise  # not a lost race with another builder
+  finally:
+    if os.path.exists(temp_dir):
+      shutil.rmtree(temp_dir, ignore_errors=True)
+  logging.info("built tiny pipeline %s", directory)
+  return directory
+
+
+def resolve_model_spec(spec, *, cache_dir="", tiny_spec=None):
+  """Local directory of a model spec: a directory, "tiny:<seed>" or a hub id.
+
+  Raises:
+    ModelLoadError: a missing directory, a malformed "tiny:" spec, or a failed download.
+  """
+  spec = str(spec)
+  if spec.startswith("tiny:") or spec == "tiny":
+    return _resolve_tiny(spec, cache_dir, tiny_spec)
+  if os.path.isdir(spec):
+    return spec
+  looks_like_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
+  if not looks_like_hub_id or os.path.isabs(spec):
+    raise ModelLoadError(f"model directory not found: {spec!r}; expected a diffusers-format "
+                         "directory, 'tiny:<seed>' or a hub id 'org/name'")
+  import huggingface_hub  # noqa: PLC0415  (only the hub path needs it)
+  try:
+    return huggingface_hub.snapshot_download(
+        spec, allow_patterns=_HUB_PATTERNS, cache_dir=cache_dir or None)
+  except Exception as error:  # network, auth, not found: one line for the user.
+    raise ModelLoadError(f"model spec {spec!r} is neither a local directory nor a downloadable "
+                         f"hub id ({type(error).__name__})") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights.
+
+
+def _subfolder(directory, name):
+  """Path of a required component subfolder, or a one-line error."""
+  path = os.path.join(directory, name)
+  if not os.path.isdir(path):
+    raise ModelLoadError(f"missing subfolder {path!r}; a pipeline directory needs "
+                         f"{', '.join(REQUIRED_SUBFOLDERS)} (image_encoder optional)")
+  return path
+
+
+def _converted_cache_path(component_dir, source_path, cache_dir):
+  """Where converted msgpack weights of `source_path` are cached."""
+  if not cache_dir:
+    return os.path.join(component_dir, CONVERTED_NAME)
+  key = hashlib.sha256(os.path.abspath(source_path).encode()).hexdigest()[:16]
+  name = os.path.basename(os.path.normpath(component_dir))
+  return os.path.join(cache_dir, "converted", f"{name}-{key}.msgpack")
+
+
+def _load_weights(component_dir, file_names, convert_fn, expected_shapes, cache_dir):
+  """Params of one component: msgpack if present, else converted (and cached) safetensors.
+
+  Args:
+    component_dir: e.g. <pipeline>/unet.
+    file_names: (msgpack name, safetensors name).
+    convert_fn: state_dict, source -> params (Flax layout).
+    expected_shapes: {flax_path: ShapeDtypeStruct} for validation.
+    cache_dir: "" to cache next to the safetensors, else a cache root.
+  Returns:
+    nested dict of jnp float32 arrays.
+  """
+  msgpack_name, safetensors_name = file_names
+  msgpack_path = os.path.join(component_dir, msgpack_name)
+  safetensors_path = os.path.join(component_dir, safetensors_name)
+  if os.path.isfile(msgpack_path):
+    params = convert.check_params(convert.load_msgpack(msgpack_path), expected_shapes,
+                                  msgpack_path)
+  elif os.path.isfile(safetensors_path):
+    cache_path = _converted_cache_path(component_dir, safetensors_path, cache_dir)
+    cache_is_fresh = (os.path.isfile(cache_path) and
+                      os.path.getmtime(cache_path) >= os.path.getmtime(safetensors_path))
+    if cache_is_fresh:
+      params = convert.check_params(convert.load_msgpack(cache_path), expected_shapes, cache_path)
+    else:
+      params = convert_fn(convert.load_safetensors(safetensors_path), safetensors_path)
+      try:
+        convert.save_msgpack(params, cache_path)
+      except OSError as error:  # read-only model dir: still usable, just not cached.
+        logging.warning("could not cache converted weights at %s: %s", cache_path, error)
+  else:
+    raise ModelLoadError(f"no weight file in {component_dir!r}; expected {msgpack_name} or "
+                         f"{safetensors_name}")
+  return jax.tree.map(jnp.asarray, params)
+
+
+def _load_diffusers_component(directory, module_class, cache_dir):
+  """(module, params) of a diffusers UNet/VAE directory."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise ModelLoadError(f"missing config file {config_path!r}; expected a diffusers config.json")
+  module = module_class.from_config(module_class.load_config(directory))
+  expected = convert.expected_param_shapes(module.init_weights, jax.random.key(0))
+
+  def convert_fn(state_dict, source):
+    return convert.diffusers_pytorch_to_flax(state_dict, module, source)
+
+  params = _load_weights(directory, DIFFUSERS_WEIGHTS, convert_fn, expected, cache_dir)
+  return module, params
+
+
+def _load_clip_component(directory, module, init_fn, cache_dir):
+  """params of a transformers CLIP tower directory, for a given Flax module."""
+  expected = convert.expected_param_shapes(init_fn, jax.random.key(0))
+
+  def convert_fn(state_dict, source):
+    return convert.clip_pytorch_to_flax(state_dict, expected, source)
+
+  return _load_weights(directory, TRANSFORMERS_WEIGHTS, convert_fn, expected, cache_dir)
+
+
+def _read_config(directory, config_class):
+  """A transformers config from `directory/config.json`, or a one-line error."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise ModelLoadError(f"missing config file {config_path!r}; expected a transformers "
+                         "config.json")
+  return config_class.from_pretrained(directory)
+
+
+def text_encoder_module(config):
+  """The Flax CLIP text module (float32) for a `transformers.CLIPTextConfig`."""
+  return modeling_flax_clip.FlaxCLIPTextModule(config=config, dtype=jnp.float32)
+
+
+def text_encoder_init_fn(module):
+  """rng -> random params of a Flax CLIP text module (input (1, max_position_embeddings))."""
+  length = module.config.max_position_embeddings
+
+  def init_fn(rng):
+    input_ids = jnp.zeros((1, length), jnp.int32)
+    position_ids = jnp.arange(length)[None]
+    return module.init(rng, input_ids, jnp.ones_like(input_ids), position_ids)["params"]
+
+  return init_fn
+
+
+def load_text_encoder(directory, cache_dir=""):
+  """(FlaxCLIPTextModule, params) from a CLIPTextModel directory (msgpack or safetensors)."""
+  config = _read_config(directory, transformers.CLIPTextConfig)
+  module = text_encoder_module(config)
+  return module, _load_clip_component(directory, module, text_encoder_init_fn(module), cache_dir)
+
+
+def load_image_encoder(directory, cache_dir=""):
+  """(ImageEncoder, params) from a CLIPVisionModelWithProjection (or CLIPModel) directory."""
+  if not os.path.isdir(directory):
+    raise ModelLoadError(f"image encoder directory not found: {directory!r}; expected a "
+                         "CLIPVisionModelWithProjection directory")
+  config = _read_config(directory, transformers.CLIPVisionConfig)
+  resize_size, crop_size, mean, std = image_encoder_lib.read_preprocessor_config(
+      directory, config.image_size)
+  module = image_encoder_lib.ImageEncoder(
+      config=config, resize_size=resize_size, crop_size=crop_size, image_mean=mean,
+      image_std=std)
+  return module, _load_clip_component(directory, module, module.init_weights, cache_dir)
+
+
+def _read_json(path):
+  with open(path) as file:
+    return json.load(file)
+
+
+def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
+  """Loads a pipeline from a directory, "tiny:<seed>" or a hub id (see the module docstring).
+
+  Args:
+    spec: the model spec.
+    cache_dir: root for built tiny pipelines and converted weights; "" = defaults
+      (~/.cache/tdpo_jax for tiny pipelines, converted msgpack next to the safetensors).
+    image_encoder: "" = the pipeline's image_encoder/ subfolder if present (else None), or an
+      explicit CLIPVisionModelWithProjection directory / hub id.
+    tiny_spec: architecture ConfigDict for "tiny:<seed>" (configs/tiny.py `tiny_model_spec()`).
+  Returns:
+    a `Pipeline` with float32 params.
+  Raises:
+    ModelLoadError: missing directory / subfolder / weight file, malformed spec.
+  """
+  diffusers.utils.logging.set_verbosity_error()  # ~650 "Flax classes are deprecated" lines.
+  directory = resolve_model_spec(spec, cache_dir=cache_dir, tiny_spec=tiny_spec)
+  if not os.path.isfile(os.path.join(directory, "model_index.json")):
+    raise ModelLoadError(f"missing {os.path.join(directory, 'model_index.json')!r}; expected a "
+                         "diffusers-format pipeline directory")
+  folders = {name: _subfolder(directory, name) for name in REQUIRED_SUBFOLDERS}
+  if image_encoder:  # resolved first: a bad path fails before the slow loads.
+    encoder_dir = resolve_model_spec(image_encoder, cache_dir=cache_dir)
+  else:
+    encoder_dir = os.path.join(directory, "image_encoder")
+    encoder_dir = encoder_dir if os.path.isdir(encoder_dir) else ""
+  unet, unet_params = _load_diffusers_component(
+      folders["unet"], diffusers.FlaxUNet2DConditionModel, cache_dir)
+  vae, vae_params = _load_diffusers_component(
+      folders["vae"], diffusers.FlaxAutoencoderKL, cache_dir)
+  text_encoder, text_encoder_params = load_text_encoder(folders["text_encoder"], cache_dir)
+  tokenizer_files = ("vocab.json", "merges.txt")
+  for name in tokenizer_files:
+    if not os.path.isfile(os.path.join(folders["tokenizer"], name)):
+      raise ModelLoadError(f"missing {os.path.join(folders['tokenizer'], name)!r}; expected a "
+                           f"CLIP tokenizer with {' and '.join(tokenizer_files)}")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(folders["tokenizer"])
+  scheduler_path = os.path.join(folders["scheduler"], "scheduler_config.json")
+  if not os.path.isfile(scheduler_path):
+    raise ModelLoadError(f"missing {scheduler_path!r}; expected a diffusers scheduler config")
+  scheduler_config = _read_json(scheduler_path)
+
+  encoder, encoder_params = (load_image_encoder(encoder_dir, cache_dir) if encoder_dir
+                             else (None, None))
+  return Pipeline(
+      unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+      text_encoder=text_encoder, text_encoder_params=text_encoder_params, tokenizer=tokenizer,
+      scheduler_config=scheduler_config, image_encoder=encoder,
+      image_encoder_params=encoder_params,
+      vae_scaling_factor=float(vae.config.get("scaling_factor", DEFAULT_SCALING_FACTOR)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers (jittable).
+
+
+def tokenize(tokenizer, prompts):
+  """Token ids, padded to max_length (77) and truncated.
+
+  Args:
+    tokenizer: a `transformers.CLIPTokenizer`.
+    prompts: list of B strings.
+  Returns:
+    np.int32 (B, L).
+  """
+  encoded = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                      truncation=True, return_tensors="np")
+  return np.asarray(encoded.input_ids, dtype=np.int32)
+
+
+def encode_text(pipeline, text_params, input_ids):
+  """CLIP text embeddings (last_hidden_state) used as UNet context.
+
+  Args:
+    pipeline: a `Pipeline`.
+    text_params: the text encoder's params.
+    input_ids: (B, L) int token ids.
+  Returns:
+    (B, L, D) float32.
+  """
+  input_ids = jnp.asarray(input_ids, jnp.int32)
+  position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+  outputs = pipeline.text_encoder.apply(
+      {"params": text_params}, input_ids, jnp.ones_like(input_ids), position_ids,
+      deterministic=True)
+  return outputs.last_hidden_state
+
+
+def unet_eps(pipeline, unet_params, latents, timesteps, context):
+  """Noise prediction eps(x_t, t, c).
+
+  Args:
+    pipeline: a `Pipeline`.
+    unet_params: UNet params (LoRA already merged).
+    latents: (B, C, h, w) NCHW.
+    timesteps: (B,) or scalar; converted to a jnp array of shape (B,) (a NumPy array would be
+      mis-wrapped by the Flax UNet).
+    context: (B, L, D) text embeddings.
+  Returns:
+    (B, C, h, w) NCHW.
+  """
+  timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
+  return pipeline.unet.apply({"params": unet_params}, latents, timesteps, context,
+                             train=False).sample
+
+
+def decode_latents(pipeline, vae_params, latents):
+  """VAE decode of SD latents to images: `x = D(z / scaling)`, `(x/2 + 0.5).clip(0, 1)`.
+
+  Args:
+    pipeline: a `Pipeline`.
+    vae_params: VAE params.
+    latents: (B, C, h, w) NCHW (scaled, as the UNet sees them).
+  Returns:
+    images (B, H, W, 3) NHWC float32 in [0, 1].
+  """
+  latents = jnp.transpose(latents / pipeline.vae_scaling_factor, (0, 2, 3, 1))  # NCHW -> NHWC
+  images = pipeline.vae.apply({"params": vae_params}, latents, method=pipeline.vae.decode).sample
+  images = jnp.transpose(images, (0, 2, 3, 1))  # the Flax VAE returns NCHW
+  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)

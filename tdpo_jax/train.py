@@ -1,0 +1,411 @@
+"""The epoch loop of DDPO / TDPO / TDPO-R: orchestration only, the math lives elsewhere.
+
+Shapes: N samples per epoch, T DDIM steps, M train micro-batch, k micro-batches per optimizer
+step (gradient accumulation), d critic embedding width; latents NCHW.
+
+Per epoch (DESIGN §3):
+  sample (rollout.py) -> reward (rewards/) -> per-prompt normalisation (stats.py)
+  -> critic values V_old(x_t) of every visited state (critic.py) -> advantages (objectives.py)
+  -> timestep-outer PPO updates (train_step.py) -> active-neuron reset (reset.py) -> log.
+
+`config.algorithm` only switches flags of this one loop:
+  ddpo   : no critic; every step gets the standardised normalised reward as advantage.
+  tdpo   : critic on; A_k = G_k - V(x_k), standardised; no reset.
+  tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
+"""
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from tdpo_jax import critic as critic_lib
+from tdpo_jax import ddim
+from tdpo_jax import images as images_lib
+from tdpo_jax import metrics_writer
+from tdpo_jax import objectives
+from tdpo_jax import policy
+from tdpo_jax import prompts as prompts_lib
+from tdpo_jax import reset as reset_lib
+from tdpo_jax import rewards
+from tdpo_jax import rollout
+from tdpo_jax import stats
+from tdpo_jax import train_step as train_step_lib
+from tdpo_jax.models import image_encoder as image_encoder_lib
+from tdpo_jax.models import pipeline as pipeline_lib
+
+ALGORITHMS = {
+    # name: (use_critic, use_reset)
+    "ddpo": (False, False),
+    "tdpo": (True, False),
+    "tdpo_r": (True, True),
+}
+KL_MODES = ("none", "return_penalty", "gaussian")
+RESET_TARGETS = ("active", "dormant")
+
+# Independent RNG streams folded into the root key (STYLE: keys depend on (seed, stream, ...)).
+STREAM_INIT, STREAM_SAMPLE, STREAM_TRAIN, STREAM_RESET, STREAM_PROBE = range(5)
+
+
+class NonFiniteError(FloatingPointError):
+  """A reward or loss became NaN/inf; the run stops and keeps what it has written."""
+
+
+def samples_per_epoch(config):
+  return config.sample.batch_size * config.sample.num_batches_per_epoch
+
+
+def num_train_timesteps(config):
+  """Timesteps trained per sample per epoch: int(T * timestep_fraction), as the official code."""
+  return int(config.sample.num_steps * config.train.timestep_fraction)
+
+
+def validate_config(config):
+  """Checks the config before anything is loaded or written; raises ValueError naming the key."""
+  if config.algorithm not in ALGORITHMS:
+    raise ValueError(
+        f"unknown algorithm {config.algorithm!r}: expected one of {sorted(ALGORITHMS)}")
+  rewards.get(config.reward)  # raises for an unknown reward name
+  if config.train.kl_mode not in KL_MODES:
+    raise ValueError(f"unknown train.kl_mode {config.train.kl_mode!r}: expected one of {KL_MODES}")
+  if config.reset.target not in RESET_TARGETS:
+    raise ValueError(
+        f"unknown reset.target {config.reset.target!r}: expected one of {RESET_TARGETS}")
+  if not 0 < config.train.timestep_fraction <= 1:
+    raise ValueError(
+        f"train.timestep_fraction={config.train.timestep_fraction} must be in (0, 1]")
+  if num_train_timesteps(config) < 1:
+    raise ValueError("sample.num_steps * train.timestep_fraction must be >= 1")
+  total = samples_per_epoch(config)
+  if total % config.train.batch_size:
+    raise ValueError(
+        f"train.batch_size={config.train.batch_size} does not divide the {total} samples per "
+        f"epoch (sample.batch_size={config.sample.batch_size} x "
+        f"sample.num_batches_per_epoch={config.sample.num_batches_per_epoch})")
+  micro_batches = num_train_timesteps(config) * total // config.train.batch_size
+  if micro_batches % config.train.gradient_accumulation_steps:
+    raise ValueError(
+        f"train.gradient_accumulation_steps={config.train.gradient_accumulation_steps} does not "
+        f"divide the {micro_batches} micro-batches per epoch (train timesteps x samples / "
+        f"train.batch_size)")
+  if config.reset.period < 1:
+    raise ValueError(f"reset.period={config.reset.period} must be >= 1")
+
+
+class Trainer:
+  """Loads the models once and holds the jitted kernels; `run_epoch` advances a `TrainState`."""
+
+  def __init__(self, config):
+    validate_config(config)
+    self.config = config
+    self.use_critic, self.use_reset = ALGORITHMS[config.algorithm]
+    self.prompts = prompts_lib.load_prompts(config.prompts)
+    self.reward_fn = rewards.get(config.reward)
+    self.pipeline = pipeline_lib.load_pipeline(
+        config.pretrained.model, cache_dir=config.pretrained.cache_dir,
+        image_encoder=config.pretrained.image_encoder,
+        tiny_spec=config.pretrained.get("tiny"))
+    if self.use_critic and self.pipeline.image_encoder is None:
+      raise ValueError(
+          f"algorithm {config.algorithm!r} needs a critic image encoder: none found in "
+          f"{config.pretrained.model!r} (set pretrained.image_encoder)")
+    self.root_key = jax.random.key(config.seed)
+    self.num_steps = config.sample.num_steps
+    self.input_uncond = rollout.tokenize_prompts(self.pipeline, [""])[1]
+    self._build_kernels()
+
+  # ---------------------------------------------------------------- setup
+  def _build_kernels(self):
+    config, pipeline = self.config, self.pipeline
+    self.rollout_fn = jax.jit(rollout.make_rollout_fn(pipeline, config.sample))
+    self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p))
+    self.jit_encode_text = jax.jit(
+        lambda params, ids: pipeline_lib.encode_text(pipeline, params, ids))
+    if pipeline.image_encoder is not None:
+      def embed_fn(vae_params, encoder_params, latents):
+        return critic_lib.embed_noisy_latents(
+            lambda x: pipeline_lib.decode_latents(pipeline, vae_params, x),
+            lambda images: image_encoder_lib.embed_images(pipeline, encoder_params, images),
+            latents)
+      self.jit_embed = jax.jit(embed_fn)
+      probe_image = jnp.zeros((1, config.sample.height, config.sample.width, 3), jnp.float32)
+      embed_dim = jax.eval_shape(
+          lambda p, x: image_encoder_lib.embed_images(pipeline, p, x),
+          pipeline.image_encoder_params, probe_image).shape[-1]
+    else:
+      self.jit_embed, embed_dim = None, 1
+    self.embed_dim = int(embed_dim)
+    self.critic = critic_lib.make_critic(config.critic, self.embed_dim)
+    self.critic_init_std = self.critic.init_std
+    self.jit_values = jax.jit(
+        lambda params, embeds: self.critic.apply({"params": params}, embeds, deterministic=True))
+    self.jit_normalise = jax.jit(
+        lambda state, index, r: stats.normalise(
+            state, index, r, min_count=config.stats.min_count, eps=config.stats.eps))
+    self.train_step_fn = train_step_lib.make_train_step(
+        pipeline, self.critic, config, use_critic=self.use_critic)
+    self.jit_train_step = jax.jit(self.train_step_fn, donate_argnums=(0,))
+    critic_tx = train_step_lib.make_optimizers(config.train)[1]
+    self.jit_reset = jax.jit(
+        lambda params, opt_state, probe, rng: reset_lib.reset_critic(
+            self.critic, params, opt_state, probe, rng, tau=config.reset.tau,
+            target=config.reset.target, init_std=self.critic_init_std, optimizer=critic_tx))
+    self.jit_dormant = jax.jit(
+        lambda params, probe: reset_lib.dormant_fractions(
+            self.critic, params, probe, config.reset.tau))
+    if config.train.kl_mode == "return_penalty" and config.train.kl_coef > 0:
+      self.jit_ref_log_probs = jax.jit(self._ref_log_probs)
+    else:
+      self.jit_ref_log_probs = None
+
+  def frozen_params(self):
+    pipeline = self.pipeline
+    uncond = self.jit_encode_text(pipeline.text_encoder_params, self.input_uncond)
+    return train_step_lib.FrozenParams(
+        unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
+        vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
+        uncond_embeds=uncond)
+
+  def init_state(self):
+    """A fresh `TrainState`: LoRA at B = 0 (policy == pre-trained), critic at its init."""
+    key = jax.random.fold_in(self.root_key, STREAM_INIT)
+    policy_params = policy.init_policy_params(
+        self.config.lora, self.pipeline.unet_params, jax.random.fold_in(key, 0))
+    critic_params = self.critic.init(
+        jax.random.fold_in(key, 1), jnp.zeros((1, self.embed_dim)), deterministic=True)["params"]
+    policy_tx, critic_tx = train_step_lib.make_optimizers(self.config.train)
+    return train_step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+        policy_params=policy_params, policy_opt_state=policy_tx.init(policy_params),
+        critic_params=critic_params, critic_opt_state=critic_tx.init(critic_params),
+        normaliser=stats.init_normaliser(len(self.prompts), self.config.stats.buffer_size),
+        reset_count=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(self.config.seed))  # its own buffer: the state is donated
+
+  # ---------------------------------------------------------------- phases
+  def sample(self, state, frozen, epoch, progress=False):
+    """Samples the epoch's N trajectories; returns (trajectory with leading dim N, prompt ids)."""
+    config = self.config
+    unet_params = self.jit_merge(frozen.unet, state.policy_params)
+    params = rollout.RolloutParams(unet=unet_params, text_encoder=frozen.text_encoder,
+                                   vae=frozen.vae)
+    sample_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_SAMPLE), epoch)
+    host_rng = np.random.default_rng([config.seed, epoch])
+    trajectories, prompt_index = [], []
+    batches = range(config.sample.num_batches_per_epoch)
+    for batch in tqdm.tqdm(batches, desc=f"epoch {epoch} sample", disable=not progress,
+                           leave=False):
+      index = prompts_lib.sample_prompt_indices(host_rng, len(self.prompts),
+                                                config.sample.batch_size)
+      input_ids, uncond_ids = rollout.tokenize_prompts(
+          self.pipeline, [self.prompts[i] for i in index])
+      trajectories.append(self.rollout_fn(params, input_ids, uncond_ids,
+                                          jax.random.fold_in(sample_key, batch)))
+      prompt_index.append(index)
+    trajectory = jax.tree.map(lambda *x: jnp.concatenate(x), *trajectories)
+    return trajectory, np.concatenate(prompt_index)
+
+  def embed_states(self, frozen, trajectory):
+    """Frozen critic embeddings of x_T ... x_1 for every sample: (N, T, d)."""
+    latents = trajectory.latents[:, :self.num_steps]
+    n, t = latents.shape[:2]
+    batch = self.config.sample.batch_size
+    chunks = [self.jit_embed(frozen.vae, frozen.image_encoder,
+                             latents[i:i + batch].reshape((-1,) + latents.shape[2:]))
+              for i in range(0, n, batch)]
+    return jnp.concatenate(chunks).reshape(n, t, -1)
+
+  def _ref_log_probs(self, frozen, trajectory):
+    """log pi_ref of every sampled transition under the frozen pre-trained UNet: (N, T)."""
+    config = self.config
+    alphas = jnp.asarray(ddim.alphas_cumprod(self.pipeline.scheduler_config))
+
+    def per_step(latents, next_latents, timesteps):
+      eps = rollout.guided_eps(self.pipeline, frozen.unet, latents, timesteps,
+                               trajectory.prompt_embeds, frozen.uncond_embeds,
+                               config.sample.guidance_scale)
+      return ddim.log_prob(eps, timesteps, latents, next_latents, alphas, self.num_steps,
+                           config.sample.eta)
+
+    return jax.vmap(per_step, in_axes=(1, 1, 1), out_axes=1)(
+        trajectory.latents[:, :-1], trajectory.latents[:, 1:], trajectory.timesteps)
+
+  def transitions(self, trajectory, embeds, advantages, returns, values, epoch):
+    """Gathers the epoch's training transitions, timestep-outer, into optimizer-step batches.
+
+    Each sample's timestep order is shuffled independently, and samples are shuffled; pass j
+    trains every sample at its j-th shuffled timestep, in micro-batches of M.
+
+    Returns:
+      a `TransitionBatch` with leading dims (S, k, M): S optimizer steps of k micro-batches.
+    """
+    config = self.config
+    n = trajectory.latents.shape[0]
+    t_train = num_train_timesteps(config)
+    micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
+    key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch)
+    sample_perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
+    step_perm = jax.vmap(lambda k: jax.random.permutation(k, self.num_steps))(
+        jax.random.split(jax.random.fold_in(key, 1), n))
+    sample_index = jnp.broadcast_to(sample_perm[None], (t_train, n))   # pass j, slot i
+    step_index = step_perm[sample_perm][:, :t_train].T                  # (t_train, n)
+    shape = (-1, accum, micro)
+    sample_index, step_index = sample_index.reshape(shape), step_index.reshape(shape)
+    take = lambda x: x[sample_index, step_index]
+    return train_step_lib.TransitionBatch(
+        latents=take(trajectory.latents[:, :-1]),
+        next_latents=take(trajectory.latents[:, 1:]),
+        timesteps=take(trajectory.timesteps),
+        old_log_probs=take(trajectory.log_probs),
+        advantages=take(advantages),
+        returns=take(returns),
+        old_values=take(values),
+        embeds=take(embeds),
+        prompt_embeds=trajectory.prompt_embeds[sample_index])
+
+  def run_epoch(self, state, frozen, progress=False):
+    """One epoch. Returns (new state, metrics dict of Python floats, host images, prompts, rewards)."""
+    config = self.config
+    epoch = int(state.epoch)
+    times = {}
+    tic = time.perf_counter()
+    trajectory, prompt_index = self.sample(state, frozen, epoch, progress)
+    images = np.asarray(jax.device_get(trajectory.images))
+    times["sample"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    prompts = [self.prompts[i] for i in prompt_index]
+    reward = np.asarray(self.reward_fn(images, prompts), np.float32)
+    times["reward"] = time.perf_counter() - tic
+    if reward.shape != (len(prompts),):
+      raise ValueError(f"reward {config.reward!r} returned shape {reward.shape}, expected "
+                       f"({len(prompts)},)")
+    if not np.all(np.isfinite(reward)):
+      bad = np.flatnonzero(~np.isfinite(reward))
+      raise NonFiniteError(
+          f"epoch {epoch}: reward {config.reward!r} is NaN/inf for {len(bad)} of {len(reward)} "
+          f"samples (first prompt: {prompts[bad[0]]!r}); stopping, earlier outputs kept")
+
+    tic = time.perf_counter()
+    normaliser, normalised = self.jit_normalise(state.normaliser, prompt_index, reward)
+    returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
+    metrics = {}
+    if self.jit_ref_log_probs is not None:
+      ref_log_probs = self.jit_ref_log_probs(frozen, trajectory)
+      penalty = objectives.return_kl_penalty(trajectory.log_probs, ref_log_probs)
+      returns = objectives.returns_from_rewards(
+          normalised, self.num_steps, penalty, config.train.kl_coef)
+      metrics["policy/kl_penalty"] = jnp.mean(penalty)
+    times["normalise"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    if self.use_critic:
+      embeds = self.embed_states(frozen, trajectory)
+      values = self.jit_values(state.critic_params, embeds.reshape(-1, self.embed_dim)).reshape(
+          returns.shape)
+      metrics["critic/explained_variance"] = objectives.explained_variance(values, returns)
+      metrics["critic/value_mean"] = jnp.mean(values)
+    else:
+      embeds = jnp.zeros(returns.shape + (self.embed_dim,), jnp.float32)
+      values = None
+    advantages = objectives.advantages(returns, values, config.train.adv_eps)
+    values = jnp.zeros_like(returns) if values is None else values
+    jax.block_until_ready(advantages)
+    times["critic"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    state = state.replace(normaliser=normaliser)
+    batches = self.transitions(trajectory, embeds, advantages, returns, values, epoch)
+    num_updates = batches.latents.shape[0]
+    train_key = jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch), 2)
+    step_metrics = []
+    for update in tqdm.trange(num_updates, desc=f"epoch {epoch} train", disable=not progress,
+                              leave=False):
+      batch = jax.tree.map(lambda x, u=update: x[u], batches)
+      state, step_out = self.jit_train_step(state, frozen, batch,
+                                            jax.random.fold_in(train_key, update))
+      step_metrics.append(step_out)
+    step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
+    times["train"] = time.perf_counter() - tic
+    metrics.update({k: np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+    for key in ("policy/loss", "critic/value_loss"):
+      if key in metrics and not np.isfinite(metrics[key]):
+        raise NonFiniteError(f"epoch {epoch}: {key} is {metrics[key]}; stopping, earlier "
+                             "outputs kept")
+
+    tic = time.perf_counter()
+    if self.use_critic:
+      probe = self._probe(embeds, epoch)
+      metrics.update(self.jit_dormant(state.critic_params, probe))
+      if self.use_reset and (epoch + 1) % config.reset.period == 0:
+        reset_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_RESET),
+                                       state.reset_count)
+        critic_params, critic_opt_state, reset_stats = self.jit_reset(
+            state.critic_params, state.critic_opt_state, probe, reset_key)
+        state = state.replace(critic_params=critic_params, critic_opt_state=critic_opt_state,
+                              reset_count=state.reset_count + 1)
+        metrics.update(reset_stats)
+    times["reset"] = time.perf_counter() - tic
+
+    state = state.replace(epoch=state.epoch + 1)
+    metrics.update({
+        "epoch": epoch,
+        "reward/mean": float(reward.mean()),
+        "reward/std": float(reward.std()),
+        "reward/min": float(reward.min()),
+        "reward/max": float(reward.max()),
+        "train/num_updates": num_updates,
+        "train/optimizer_steps_total": int(state.step),
+    })
+    metrics.update({f"time/{k}_s": v for k, v in times.items()})
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    return state, metrics, images, prompts, reward
+
+  def _probe(self, embeds, epoch):
+    """`reset.probe_size` embeddings of this epoch's states at random (sample, timestep)."""
+    flat = embeds.reshape(-1, self.embed_dim)
+    key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_PROBE), epoch)
+    size = min(self.config.reset.probe_size, flat.shape[0])
+    return flat[jax.random.choice(key, flat.shape[0], (size,), replace=False)]
+
+
+def run(config, workdir):
+  """Trains for `config.num_epochs` epochs; writes metrics (JSONL + TensorBoard) and image grids
+  to `workdir`. Returns the list of per-epoch metric dicts."""
+  validate_config(config)  # before anything is written to the workdir
+  trainer = Trainer(config)
+  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  frozen = trainer.frozen_params()
+  state = trainer.init_state()
+  history = []
+  writer = metrics_writer.MetricWriter(workdir)
+  try:
+    epochs = tqdm.trange(config.num_epochs, desc="epochs", disable=not config.log.progress)
+    for _ in epochs:
+      tic = time.perf_counter()
+      state, metrics, images, prompts, reward = trainer.run_epoch(
+          state, frozen, progress=config.log.progress)
+      metrics["time/epoch_s"] = time.perf_counter() - tic
+      epoch = int(metrics["epoch"])
+      writer.write(epoch, metrics)
+      if config.log.image_grid_every and epoch % config.log.image_grid_every == 0:
+        count = min(config.log.num_grid_images, len(images))
+        captions = [f"{p} | {r:.3g}" for p, r in zip(prompts[:count], reward[:count])]
+        path = images_lib.save_grid(
+            os.path.join(workdir, "images", f"epoch_{epoch:04d}.png"), images[:count], captions)
+        writer.write_image(epoch, "samples", path)
+      epochs.set_postfix(reward=f"{metrics['reward/mean']:.4g}")
+      logging.info("epoch %d: %s", epoch, json.dumps(
+          {k: round(v, 5) for k, v in metrics.items() if k.split("/")[0] in
+           ("reward", "policy", "critic")}))
+      history.append(metrics)
+  finally:
+    writer.close()
+  return history

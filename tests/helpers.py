@@ -1,0 +1,28 @@
+"""Shared test helpers: the tiny config, shrunk further where a test needs speed."""
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="tiny", arg=None):
+  """`configs/<name>.py`'s get_config(arg), loaded by path as `main.py` does."""
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config(cache_dir, **overrides):
+  """configs/tiny.py with the model cached under `cache_dir`, progress bars off."""
+  config = load_config("tiny")
+  config.pretrained.cache_dir = str(cache_dir)
+  config.log.progress = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config

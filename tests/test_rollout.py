@@ -1,0 +1,81 @@
+"""Rollout invariants: recomputed log-probs equal the sampled ones (PPO ratio == 1 before any
+update); the same key gives the same images and another key different ones."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tdpo_jax import ddim
+from tdpo_jax import prompts as prompts_lib
+from tdpo_jax import rollout
+from tdpo_jax.models import pipeline as pipeline_lib
+from tests import helpers
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  config = helpers.tiny_config(tmp_path_factory.mktemp("models"))
+  pipeline = pipeline_lib.load_pipeline(config.pretrained.model,
+                                        cache_dir=config.pretrained.cache_dir,
+                                        tiny_spec=config.pretrained.tiny)
+  params = rollout.RolloutParams(unet=pipeline.unet_params,
+                                 text_encoder=pipeline.text_encoder_params,
+                                 vae=pipeline.vae_params)
+  prompts = list(prompts_lib.load_prompts("simple_animals")[:4])
+  input_ids, uncond_ids = rollout.tokenize_prompts(pipeline, prompts)
+  rollout_fn = jax.jit(rollout.make_rollout_fn(pipeline, config.sample))
+  return config, pipeline, params, input_ids, uncond_ids, rollout_fn
+
+
+def test_shapes(setup):
+  config, _, params, input_ids, uncond_ids, rollout_fn = setup
+  traj = rollout_fn(params, input_ids, uncond_ids, jax.random.key(0))
+  t = config.sample.num_steps
+  assert traj.latents.shape == (4, t + 1, 4, 8, 8)
+  assert traj.log_probs.shape == (4, t)
+  assert traj.images.shape == (4, 64, 64, 3)
+  np.testing.assert_array_equal(traj.timesteps[0], np.arange(901, 0, -100))
+  assert float(traj.images.min()) >= 0 and float(traj.images.max()) <= 1
+  assert np.all(np.isfinite(np.asarray(traj.log_probs)))
+
+
+def test_recomputed_log_probs_equal_sampled(setup):
+  config, pipeline, params, input_ids, uncond_ids, rollout_fn = setup
+  traj = rollout_fn(params, input_ids, uncond_ids, jax.random.key(1))
+  alphas = jnp.asarray(ddim.alphas_cumprod(pipeline.scheduler_config))
+
+  @jax.jit
+  def recompute(latents, next_latents, timesteps):
+    eps = rollout.guided_eps(pipeline, params.unet, latents, timesteps, traj.prompt_embeds,
+                             traj.uncond_embeds, config.sample.guidance_scale)
+    return ddim.log_prob(eps, timesteps, latents, next_latents, alphas, config.sample.num_steps,
+                         config.sample.eta)
+
+  for k in (0, 4, config.sample.num_steps - 1):
+    log_prob = recompute(traj.latents[:, k], traj.latents[:, k + 1], traj.timesteps[:, k])
+    ratio = np.exp(np.asarray(log_prob) - np.asarray(traj.log_probs[:, k]))
+    np.testing.assert_allclose(ratio, 1.0, atol=1e-5)
+
+
+def test_same_key_same_images_other_key_different(setup):
+  _, _, params, input_ids, uncond_ids, rollout_fn = setup
+  a = rollout_fn(params, input_ids, uncond_ids, jax.random.key(7))
+  b = rollout_fn(params, input_ids, uncond_ids, jax.random.key(7))
+  c = rollout_fn(params, input_ids, uncond_ids, jax.random.key(8))
+  np.testing.assert_array_equal(np.asarray(a.images), np.asarray(b.images))
+  assert np.abs(np.asarray(a.latents) - np.asarray(c.latents)).max() > 1e-2
+
+
+def test_prompt_sets():
+  animals = prompts_lib.load_prompts("simple_animals")
+  assert len(animals) == 45 and animals[0] == "cat"
+  assert "simple_animals" in prompts_lib.available_prompt_sets()
+
+
+def test_unknown_prompt_set_and_empty_file(tmp_path):
+  with pytest.raises(ValueError, match="unknown prompt set 'no_such_set'"):
+    prompts_lib.load_prompts("no_such_set")
+  empty = tmp_path / "empty.txt"
+  empty.write_text("\n# only a comment\n\n")
+  with pytest.raises(ValueError, match="empty.txt.*is empty"):
+    prompts_lib.load_prompts(str(empty))
