@@ -13,7 +13,6 @@ Per epoch (DESIGN §3):
   tdpo   : critic on; A_k = G_k - V(x_k), standardised; no reset.
   tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
 """
-import json
 import os
 import time
 
@@ -374,6 +373,24 @@ class Trainer:
     return flat[jax.random.choice(key, flat.shape[0], (size,), replace=False)]
 
 
+def summary_line(metrics):
+  """One human-readable line per epoch (the full set goes to metrics.jsonl / TensorBoard)."""
+  parts = [f"epoch {int(metrics['epoch'])}",
+           f"reward {metrics['reward/mean']:.4f} ± {metrics['reward/std']:.4f}",
+           f"policy loss {metrics['policy/loss']:+.2e} kl {metrics['policy/approx_kl']:.1e} "
+           f"clip {metrics['policy/clipfrac']:.2f}"]
+  if "critic/value_loss" in metrics:
+    parts.append(f"value loss {metrics['critic/value_loss']:.4f} "
+                 f"ev {metrics['critic/explained_variance']:+.3f}")
+  dormant = [metrics[k] for k in sorted(metrics) if k.startswith("reset/dormant_frac/l")]
+  if dormant:
+    parts.append("dormant " + "/".join(f"{d:.2f}" for d in dormant))
+  if "reset/num_reset" in metrics:
+    parts.append(f"reset {int(metrics['reset/num_reset'])} neurons")
+  parts.append(f"{metrics['time/epoch_s']:.1f} s")
+  return " | ".join(parts)
+
+
 def run(config, workdir):
   """Trains for `config.num_epochs` epochs; writes metrics (JSONL + TensorBoard) and image grids
   to `workdir`. Returns the list of per-epoch metric dicts."""
@@ -402,9 +419,7 @@ def run(config, workdir):
             os.path.join(workdir, "images", f"epoch_{epoch:04d}.png"), images[:count], captions)
         writer.write_image(epoch, "samples", path)
       epochs.set_postfix(reward=f"{metrics['reward/mean']:.4g}")
-      logging.info("epoch %d: %s", epoch, json.dumps(
-          {k: round(v, 5) for k, v in metrics.items() if k.split("/")[0] in
-           ("reward", "policy", "critic")}))
+      logging.info("%s", summary_line(metrics))
       history.append(metrics)
   finally:
     writer.close()

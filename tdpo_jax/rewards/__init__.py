@@ -1,10 +1,24 @@
-"""Reward registry: `get(name) -> reward_fn(images, prompts) -> (B,) float32`.
+"""Reward registry: `make_reward_fn(name, config.rewards) -> reward_fn(images, prompts) -> (B,)`.
 
-Images are NHWC float in [0, 1] (NumPy or JAX arrays), prompts a sequence of B strings.
-Host-side rewards (JPEG) run in NumPy/PIL; model rewards (issue: reward models in Flax) will
-register jitted functions on the same interface.
+Shape legend: B batch, H/W image height/width. Images are NHWC float in [0, 1] (NumPy or JAX
+arrays), prompts a sequence of B strings; every reward returns (B,) float32.
+
+Two kinds of rewards:
+  * function rewards, registered by name (`get(name)`): the JPEG rewards (host-side, PIL) and any
+    `register`ed / `host_callback.register_host_reward`ed Python reward;
+  * model rewards, built from weights whose locations are config values
+    (`make_reward_fn(name, config_rewards)`); their scores are jitted Flax functions on device:
+      aesthetic   config.rewards.aesthetic.clip (CLIP ViT-L/14 dir), .mlp (converted .safetensors)
+      pickscore   config.rewards.pickscore.model (CLIPModel dir), .processor ("" = model dir)
+      hpsv2       config.rewards.hpsv2.checkpoint (converted .safetensors), .clip_config (dir)
+      imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model)
+`make_reward_fn` handles both kinds, so callers use it for every name.
 """
+from tdpo_jax.rewards import aesthetic
+from tdpo_jax.rewards import host_callback
+from tdpo_jax.rewards import hpsv2
 from tdpo_jax.rewards import jpeg
+from tdpo_jax.rewards import pickscore
 
 _REGISTRY = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -12,8 +26,23 @@ _REGISTRY = {
 }
 
 
+def _imagereward(model, device, cache_dir=""):
+  del cache_dir
+  return host_callback.imagereward_fn(model, device)
+
+
+# name -> (builder(**values, cache_dir) -> reward_fn, the keys read from config_rewards[name]).
+_MODEL_REWARDS = {
+    "aesthetic": (aesthetic.make_reward_fn, ("clip", "mlp")),
+    "pickscore": (pickscore.make_reward_fn, ("model", "processor")),
+    "hpsv2": (hpsv2.make_reward_fn, ("checkpoint", "clip_config")),
+    "imagereward": (_imagereward, ("model", "device")),
+}
+
+
 def available():
-  return sorted(_REGISTRY)
+  """All reward names: registered functions and model rewards."""
+  return sorted(set(_REGISTRY) | set(_MODEL_REWARDS))
 
 
 def register(name, reward_fn):
@@ -21,7 +50,44 @@ def register(name, reward_fn):
   _REGISTRY[name] = reward_fn
 
 
-def get(name):
-  if name not in _REGISTRY:
+def check_name(name):
+  """Raises a one-line ValueError for a name that is neither registered nor a model reward."""
+  if name not in _REGISTRY and name not in _MODEL_REWARDS:
     raise ValueError(f"unknown reward {name!r}: expected one of {available()}")
-  return _REGISTRY[name]
+
+
+def get(name):
+  """The registered function reward `name` (model rewards: use `make_reward_fn`)."""
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  if name in _MODEL_REWARDS:
+    raise ValueError(f"reward {name!r} is a model reward; build it with "
+                     f"make_reward_fn({name!r}, config.rewards), not get()")
+  raise ValueError(f"unknown reward {name!r}: expected one of {available()}")
+
+
+def make_reward_fn(name, config_rewards=None, cache_dir=""):
+  """`reward_fn(images, prompts) -> (B,)` for any reward name.
+
+  Args:
+    name: a reward name (`available()`).
+    config_rewards: the `config.rewards` ConfigDict (or dict); model rewards read their weight
+      locations from `config_rewards[name]` (see the module docstring). Unused for registered
+      function rewards, which take precedence (a registered name shadows a model reward).
+    cache_dir: root for converted weights ("" = next to the originals).
+  Returns:
+    reward_fn(images (B, H, W, 3) in [0, 1], prompts) -> (B,) float32.
+  """
+  if name in _REGISTRY:
+    return _REGISTRY[name]
+  check_name(name)
+  if config_rewards is None or name not in config_rewards:
+    raise ValueError(f"reward {name!r} needs its weight locations in config.rewards.{name}; "
+                     "got no such config section")
+  builder, keys = _MODEL_REWARDS[name]
+  section = config_rewards[name]
+  missing = [key for key in keys if key not in section]
+  if missing:
+    raise ValueError(f"config.rewards.{name} has no {missing[0]!r}; expected the keys "
+                     f"{', '.join(keys)}")
+  return builder(**{key: section[key] for key in keys}, cache_dir=cache_dir)
