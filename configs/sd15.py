@@ -41,6 +41,13 @@ def get_config(arg=None):
 
   c.prompts = "simple_animals"  # a shipped prompt set name or a path to a text file (one per line)
   c.reward = "jpeg_compressibility"
+  # Weight locations of the model rewards (local directories / safetensors files; pickled
+  # checkpoints are converted once with `python -m tdpo_jax.rewards.convert`).
+  c.rewards = ml_collections.ConfigDict()
+  c.rewards.aesthetic = dict(clip="openai/clip-vit-large-patch14", mlp="")
+  c.rewards.pickscore = dict(model="yuvalkirstain/PickScore_v1", processor="")
+  c.rewards.hpsv2 = dict(checkpoint="", clip_config="")
+  c.rewards.imagereward = dict(model="ImageReward-v1.0", device="cuda")
 
   c.sample = ml_collections.ConfigDict()
   c.sample.num_steps = 50

@@ -68,7 +68,7 @@ def validate_config(config):
   if config.algorithm not in ALGORITHMS:
     raise ValueError(
         f"unknown algorithm {config.algorithm!r}: expected one of {sorted(ALGORITHMS)}")
-  rewards.get(config.reward)  # raises for an unknown reward name
+  rewards.check_name(config.reward)  # raises for an unknown reward name
   if config.train.kl_mode not in KL_MODES:
     raise ValueError(f"unknown train.kl_mode {config.train.kl_mode!r}: expected one of {KL_MODES}")
   if config.reset.target not in RESET_TARGETS:
@@ -103,7 +103,8 @@ class Trainer:
     self.config = config
     self.use_critic, self.use_reset = ALGORITHMS[config.algorithm]
     self.prompts = prompts_lib.load_prompts(config.prompts)
-    self.reward_fn = rewards.get(config.reward)
+    self.reward_fn = rewards.make_reward_fn(config.reward, config.rewards,
+                                            cache_dir=config.pretrained.cache_dir)
     self.pipeline = pipeline_lib.load_pipeline(
         config.pretrained.model, cache_dir=config.pretrained.cache_dir,
         image_encoder=config.pretrained.image_encoder,

@@ -129,6 +129,16 @@ def test_model_reward_accepts_sharded_images(torch_clip):
                              rtol=1e-5, atol=1e-6)
 
 
+def test_image_encoder_of_shares_the_image_tower(torch_clip):
+  """The critic can reuse a CLIP reward's image tower: same embeddings as the full model."""
+  model, params = clip_model.load_clip_model(torch_clip[2])
+  encoder, encoder_params = clip_model.image_encoder_of(model, params)
+  pixel_values = np.random.default_rng(5).standard_normal((2, 3, 32, 32)).astype(np.float32)
+  np.testing.assert_allclose(encoder.apply({"params": encoder_params}, pixel_values),
+                             clip_model.image_embeds(model, params, pixel_values), rtol=1e-5,
+                             atol=1e-6)
+
+
 def test_pickscore_wrong_shape_names_key(torch_clip, tmp_path):
   _, model, directory = torch_clip
   bad_dir = tmp_path / "bad"

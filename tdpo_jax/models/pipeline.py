@@ -246,12 +246,33 @@ def load_text_encoder(directory, cache_dir=""):
   return module, _load_clip_component(directory, module, text_encoder_init_fn(module), cache_dir)
 
 
+def read_vision_config(directory):
+  """The vision `CLIPVisionConfig` (with the right `projection_dim`) of a CLIP directory.
+
+  Accepts a CLIPModel directory (then `projection_dim` is the top-level one: transformers'
+  `CLIPVisionConfig.from_pretrained` would return the vision sub-config's default 512) or a
+  CLIPVisionModelWithProjection directory.
+  """
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    raise ModelLoadError(f"missing CLIP config {path!r}; expected a CLIPModel or "
+                                      "CLIPVisionModelWithProjection config.json")
+  with open(path) as file:
+    model_type = json.load(file).get("model_type")
+  if model_type == "clip":
+    config = transformers.CLIPConfig.from_pretrained(directory)
+    vision_config = config.vision_config
+    vision_config.projection_dim = config.projection_dim
+    return vision_config
+  return transformers.CLIPVisionConfig.from_pretrained(directory)
+
+
 def load_image_encoder(directory, cache_dir=""):
   """(ImageEncoder, params) from a CLIPVisionModelWithProjection (or CLIPModel) directory."""
   if not os.path.isdir(directory):
     raise ModelLoadError(f"image encoder directory not found: {directory!r}; expected a "
                          "CLIPVisionModelWithProjection directory")
-  config = _read_config(directory, transformers.CLIPVisionConfig)
+  config = read_vision_config(directory)
   resize_size, crop_size, mean, std = image_encoder_lib.read_preprocessor_config(
       directory, config.image_size)
   module = image_encoder_lib.ImageEncoder(

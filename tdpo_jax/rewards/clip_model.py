@@ -100,25 +100,7 @@ def read_clip_config(directory):
   return transformers.CLIPConfig.from_pretrained(directory)
 
 
-def read_vision_config(directory):
-  """The vision `CLIPVisionConfig` (with the right `projection_dim`) of a CLIP directory.
-
-  Accepts a CLIPModel directory (then `projection_dim` is the top-level one: transformers'
-  `CLIPVisionConfig.from_pretrained` would return the vision sub-config's default 512) or a
-  CLIPVisionModelWithProjection directory.
-  """
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise pipeline_lib.ModelLoadError(f"missing CLIP config {path!r}; expected a CLIPModel or "
-                                      "CLIPVisionModelWithProjection config.json")
-  with open(path) as file:
-    model_type = json.load(file).get("model_type")
-  if model_type == "clip":
-    config = transformers.CLIPConfig.from_pretrained(directory)
-    vision_config = config.vision_config
-    vision_config.projection_dim = config.projection_dim
-    return vision_config
-  return transformers.CLIPVisionConfig.from_pretrained(directory)
+read_vision_config = pipeline_lib.read_vision_config
 
 
 def load_tokenizer(directory):
@@ -178,6 +160,20 @@ def load_clip_model(directory, processor_dir="", cache_dir=""):
       directory, pipeline_lib.TRANSFORMERS_WEIGHTS, convert_fn, expected_shapes(model.module),
       cache_dir)
   return model, params
+
+
+def image_encoder_of(model, params):
+  """(ImageEncoder, params) sharing this model's image tower (e.g. for the critic, DESIGN §3).
+
+  `ImageEncoder`'s params are named like `FlaxCLIPModule`'s vision half, so this is a subtree.
+  """
+  config = model.module.config
+  vision_config = transformers.CLIPVisionConfig(**config.vision_config.to_dict())
+  vision_config.projection_dim = config.projection_dim
+  encoder = image_encoder_lib.ImageEncoder(
+      config=vision_config, resize_size=model.resize_size, crop_size=model.crop_size,
+      image_mean=model.image_mean, image_std=model.image_std)
+  return encoder, {name: params[name] for name in ("vision_model", "visual_projection")}
 
 
 def tokenize(model, prompts):
