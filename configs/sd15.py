@@ -40,7 +40,8 @@ def get_config(arg=None):
   c.pretrained.image_encoder = "openai/clip-vit-large-patch14"
 
   c.prompts = "simple_animals"  # a shipped prompt set name or a path to a text file (one per line)
-  c.reward = "jpeg_compressibility"
+  # The paper's reward for simple_animals; "pickscore", "hpsv2", "jpeg_compressibility", ...
+  c.reward = "aesthetic"
   # Weight locations of the model rewards (local directories / safetensors files; pickled
   # checkpoints are converted once with `python -m tdpo_jax.rewards.convert`).
   c.rewards = ml_collections.ConfigDict()
@@ -103,6 +104,30 @@ def get_config(arg=None):
   c.reset.tau = 0.0
   c.reset.target = "active"  # "active" = TDPO-R, "dormant" = ReDo
   c.reset.probe_size = 64
+
+  # Device mesh (DESIGN §4): axes ("data", "fsdp"); -1 = the rest of the devices. Batches
+  # (prompts per rollout, transitions per micro-batch) split over data x fsdp devices, so
+  # sample.batch_size and train.batch_size must be multiples of data x fsdp.
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.num_devices = -1  # -1 = every device; n = the first n (single-process tests/debugging)
+  c.sharding = ml_collections.ConfigDict()
+  # Ordered (regex on the "/"-joined param path, spec); the first match wins. Paths start with
+  # the tree they live in: unet/..., text_encoder/..., vae/..., image_encoder/... (frozen),
+  # policy_params/..., policy_opt_state/..., critic_params/..., ... (train state). A spec is a
+  # PartitionSpec as a tuple or "fsdp_largest" (the largest dim divisible by the fsdp size).
+  c.sharding.rules = (
+      # Conv/Dense kernels, embedding tables, their LoRA factors and Adam moments: over fsdp.
+      (r"(^|/)(kernel|embedding)(/a|/b)?$", "fsdp_largest"),
+      (r".*", ()),  # biases, norms, buffers, counters, RNG key: replicated
+  )
+
+  # Orbax checkpoints in <workdir>/checkpoints: the whole TrainState after every `every_epochs`
+  # epochs (0 = only at the end and on SIGTERM), the latest `max_to_keep` kept (0 = all). A run
+  # resumes automatically from the latest one in its workdir.
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_epochs = 1
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True  # write in the background while the next epoch runs
 
   c.log = ml_collections.ConfigDict()
   c.log.image_grid_every = 1

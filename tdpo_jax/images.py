@@ -5,6 +5,7 @@ Images are (B, H, W, 3) float in [0, 1].
 import math
 import textwrap
 
+import jax
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
@@ -48,5 +49,7 @@ def make_grid(images, captions=None, columns=None):
 
 
 def save_grid(path, images, captions=None, columns=None):
-  make_grid(images, captions, columns).save(path)
+  """Writes the grid to `path` on process 0 only (multi-host runs call it on every host)."""
+  if jax.process_index() == 0:
+    make_grid(images, captions, columns).save(path)
   return path

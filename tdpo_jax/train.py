@@ -14,14 +14,18 @@ Per epoch (DESIGN §3):
   tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
 """
 import os
+import signal
+import threading
 import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from tdpo_jax import checkpoint as checkpoint_lib
 from tdpo_jax import critic as critic_lib
 from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
@@ -32,6 +36,7 @@ from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import reset as reset_lib
 from tdpo_jax import rewards
 from tdpo_jax import rollout
+from tdpo_jax import sharding as sharding_lib
 from tdpo_jax import stats
 from tdpo_jax import train_step as train_step_lib
 from tdpo_jax.models import image_encoder as image_encoder_lib
@@ -95,12 +100,21 @@ def validate_config(config):
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
 
 
+def validate_mesh(config, mesh):
+  """Checks that the global batches split over the mesh's batch devices (data x fsdp)."""
+  sharding_lib.check_batch_divides("sample.batch_size", config.sample.batch_size, mesh)
+  sharding_lib.check_batch_divides("train.batch_size", config.train.batch_size, mesh)
+
+
 class Trainer:
   """Loads the models once and holds the jitted kernels; `run_epoch` advances a `TrainState`."""
 
   def __init__(self, config):
     validate_config(config)
     self.config = config
+    # The mesh first: a mesh/batch mismatch is reported before any model is loaded.
+    self.mesh = sharding_lib.make_mesh(config.mesh, config.num_devices)
+    validate_mesh(config, self.mesh)
     self.use_critic, self.use_reset = ALGORITHMS[config.algorithm]
     self.prompts = prompts_lib.load_prompts(config.prompts)
     self.reward_fn = rewards.make_reward_fn(config.reward, config.rewards,
@@ -120,11 +134,32 @@ class Trainer:
 
   # ---------------------------------------------------------------- setup
   def _build_kernels(self):
-    config, pipeline = self.config, self.pipeline
-    self.rollout_fn = jax.jit(rollout.make_rollout_fn(pipeline, config.sample))
-    self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p))
+    config, pipeline, mesh = self.config, self.pipeline, self.mesh
+    rules = config.sharding.rules
+    replicated = sharding_lib.replicated(mesh)
+    rows = sharding_lib.batch_sharding(mesh)  # leading dim over ("data", "fsdp")
     self.jit_encode_text = jax.jit(
         lambda params, ids: pipeline_lib.encode_text(pipeline, params, ids))
+    # Frozen models by the config's partition rules (paths "unet/...", "vae/...", ...).
+    self.frozen_shardings = sharding_lib.tree_shardings(mesh, rules, train_step_lib.FrozenParams(
+        unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
+        vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
+        uncond_embeds=jax.eval_shape(self.jit_encode_text, pipeline.text_encoder_params,
+                                     self.input_uncond)))
+    frozen_shardings = self.frozen_shardings
+    rollout_shardings = rollout.RolloutParams(
+        unet=frozen_shardings.unet, text_encoder=frozen_shardings.text_encoder,
+        vae=frozen_shardings.vae)
+    trajectory_shardings = rollout.Trajectory(
+        latents=rows, log_probs=rows, timesteps=rows, prompt_embeds=rows,
+        uncond_embeds=replicated, images=rows)
+    # rollout(params, input_ids (B, L) over the batch devices, uncond_ids (1, L), rng).
+    self.rollout_fn = jax.jit(
+        rollout.make_rollout_fn(pipeline, config.sample),
+        in_shardings=(rollout_shardings, rows, replicated, replicated),
+        out_shardings=trajectory_shardings)
+    self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p),
+                             out_shardings=frozen_shardings.unet)
     if pipeline.image_encoder is not None:
       def embed_fn(vae_params, encoder_params, latents):
         return critic_lib.embed_noisy_latents(
@@ -146,9 +181,23 @@ class Trainer:
     self.jit_normalise = jax.jit(
         lambda state, index, r: stats.normalise(
             state, index, r, min_count=config.stats.min_count, eps=config.stats.eps))
+    # The state is born sharded: eval_shape -> rule shardings -> jit(init, out_shardings).
+    init_fn = make_init_state_fn(config, self.critic, self.embed_dim, len(self.prompts),
+                                 self.root_key)
+    self.state_shardings = sharding_lib.tree_shardings(
+        mesh, rules, jax.eval_shape(init_fn, pipeline.unet_params))
+    self.jit_init_state = jax.jit(init_fn, in_shardings=(frozen_shardings.unet,),
+                                  out_shardings=self.state_shardings)
     self.train_step_fn = train_step_lib.make_train_step(
         pipeline, self.critic, config, use_critic=self.use_critic)
-    self.jit_train_step = jax.jit(self.train_step_fn, donate_argnums=(0,))
+    # train_step(state, frozen, batch with leaves (k, M, ...) split on M, rng); state donated.
+    self.transition_sharding = sharding_lib.batch_sharding(mesh, axis=1)
+    self.jit_train_step = jax.jit(
+        self.train_step_fn,
+        in_shardings=(self.state_shardings, frozen_shardings, self.transition_sharding,
+                      replicated),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=(0,))
     critic_tx = train_step_lib.make_optimizers(config.train)[1]
     self.jit_reset = jax.jit(
         lambda params, opt_state, probe, rng: reset_lib.reset_critic(
@@ -163,28 +212,21 @@ class Trainer:
       self.jit_ref_log_probs = None
 
   def frozen_params(self):
+    """The frozen models placed on the mesh by `config.sharding.rules` (`FrozenParams`)."""
     pipeline = self.pipeline
-    uncond = self.jit_encode_text(pipeline.text_encoder_params, self.input_uncond)
-    return train_step_lib.FrozenParams(
-        unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
+    text_encoder = sharding_lib.put_tree(pipeline.text_encoder_params,
+                                         self.frozen_shardings.text_encoder)
+    uncond = self.jit_encode_text(text_encoder, self.input_uncond)
+    return sharding_lib.put_tree(train_step_lib.FrozenParams(
+        unet=pipeline.unet_params, text_encoder=text_encoder,
         vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
-        uncond_embeds=uncond)
+        uncond_embeds=uncond), self.frozen_shardings)
 
   def init_state(self):
-    """A fresh `TrainState`: LoRA at B = 0 (policy == pre-trained), critic at its init."""
-    key = jax.random.fold_in(self.root_key, STREAM_INIT)
-    policy_params = policy.init_policy_params(
-        self.config.lora, self.pipeline.unet_params, jax.random.fold_in(key, 0))
-    critic_params = self.critic.init(
-        jax.random.fold_in(key, 1), jnp.zeros((1, self.embed_dim)), deterministic=True)["params"]
-    policy_tx, critic_tx = train_step_lib.make_optimizers(self.config.train)
-    return train_step_lib.TrainState(
-        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
-        policy_params=policy_params, policy_opt_state=policy_tx.init(policy_params),
-        critic_params=critic_params, critic_opt_state=critic_tx.init(critic_params),
-        normaliser=stats.init_normaliser(len(self.prompts), self.config.stats.buffer_size),
-        reset_count=jnp.zeros((), jnp.int32),
-        rng=jax.random.key(self.config.seed))  # its own buffer: the state is donated
+    """A fresh `TrainState`, born sharded (`state_shardings`): LoRA at B = 0 (policy ==
+    pre-trained), critic at its init."""
+    unet = sharding_lib.put_tree(self.pipeline.unet_params, self.frozen_shardings.unet)
+    return self.jit_init_state(unet)
 
   # ---------------------------------------------------------------- phases
   def sample(self, state, frozen, epoch, progress=False):
@@ -195,16 +237,22 @@ class Trainer:
                                    vae=frozen.vae)
     sample_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_SAMPLE), epoch)
     host_rng = np.random.default_rng([config.seed, epoch])
+    replicated = sharding_lib.replicated(self.mesh)
+    # Every process draws the same global prompt indices and feeds only its own rows.
+    start, stop = sharding_lib.process_batch_slice(self.mesh, config.sample.batch_size)
     trajectories, prompt_index = [], []
     batches = range(config.sample.num_batches_per_epoch)
     for batch in tqdm.tqdm(batches, desc=f"epoch {epoch} sample", disable=not progress,
                            leave=False):
       index = prompts_lib.sample_prompt_indices(host_rng, len(self.prompts),
                                                 config.sample.batch_size)
-      input_ids, uncond_ids = rollout.tokenize_prompts(
-          self.pipeline, [self.prompts[i] for i in index])
-      trajectories.append(self.rollout_fn(params, input_ids, uncond_ids,
-                                          jax.random.fold_in(sample_key, batch)))
+      local_ids, uncond_ids = rollout.tokenize_prompts(
+          self.pipeline, [self.prompts[i] for i in index[start:stop]])
+      input_ids = sharding_lib.host_batch_to_global(local_ids, self.mesh,
+                                                    config.sample.batch_size)
+      uncond_ids, rng = jax.device_put(
+          (uncond_ids, jax.random.fold_in(sample_key, batch)), replicated)
+      trajectories.append(self.rollout_fn(params, input_ids, uncond_ids, rng))
       prompt_index.append(index)
     trajectory = jax.tree.map(lambda *x: jnp.concatenate(x), *trajectories)
     return trajectory, np.concatenate(prompt_index)
@@ -274,7 +322,7 @@ class Trainer:
     times = {}
     tic = time.perf_counter()
     trajectory, prompt_index = self.sample(state, frozen, epoch, progress)
-    images = np.asarray(jax.device_get(trajectory.images))
+    images = sharding_lib.to_host(trajectory.images)  # all of them, on every process
     times["sample"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -318,17 +366,20 @@ class Trainer:
     times["critic"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    state = state.replace(normaliser=normaliser)
+    # The train step's in_shardings: state by the rules, transitions split on M.
+    state = jax.device_put(state.replace(normaliser=normaliser), self.state_shardings)
     batches = self.transitions(trajectory, embeds, advantages, returns, values, epoch)
+    batches = jax.device_put(batches, sharding_lib.batch_sharding(self.mesh, axis=2))
     num_updates = batches.latents.shape[0]
     train_key = jax.random.fold_in(
         jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch), 2)
     step_metrics = []
     for update in tqdm.trange(num_updates, desc=f"epoch {epoch} train", disable=not progress,
                               leave=False):
-      batch = jax.tree.map(lambda x, u=update: x[u], batches)
-      state, step_out = self.jit_train_step(state, frozen, batch,
-                                            jax.random.fold_in(train_key, update))
+      batch, rng = jax.device_put(
+          (jax.tree.map(lambda x, u=update: x[u], batches), jax.random.fold_in(train_key, update)),
+          (self.transition_sharding, sharding_lib.replicated(self.mesh)))
+      state, step_out = self.jit_train_step(state, frozen, batch, rng)
       step_metrics.append(step_out)
     step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
     times["train"] = time.perf_counter() - tic
@@ -374,6 +425,30 @@ class Trainer:
     return flat[jax.random.choice(key, flat.shape[0], (size,), replace=False)]
 
 
+def make_init_state_fn(config, critic, embed_dim, num_prompts, root_key):
+  """`init_fn(base_unet_params) -> TrainState` (pure; jit it with the state's out_shardings).
+
+  LoRA at B = 0 (policy == pre-trained) or a copy of the full UNet; the critic at its init;
+  zero counters; the normaliser's (num_prompts, stats.buffer_size) buffers; rng = key(seed).
+  """
+  def init_fn(base_unet_params):
+    key = jax.random.fold_in(root_key, STREAM_INIT)
+    policy_params = policy.init_policy_params(
+        config.lora, base_unet_params, jax.random.fold_in(key, 0))
+    critic_params = critic.init(
+        jax.random.fold_in(key, 1), jnp.zeros((1, embed_dim)), deterministic=True)["params"]
+    policy_tx, critic_tx = train_step_lib.make_optimizers(config.train)
+    return train_step_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32),
+        policy_params=policy_params, policy_opt_state=policy_tx.init(policy_params),
+        critic_params=critic_params, critic_opt_state=critic_tx.init(critic_params),
+        normaliser=stats.init_normaliser(num_prompts, config.stats.buffer_size),
+        reset_count=jnp.zeros((), jnp.int32),
+        rng=jax.random.key(config.seed))
+
+  return init_fn
+
+
 def summary_line(metrics):
   """One human-readable line per epoch (the full set goes to metrics.jsonl / TensorBoard)."""
   parts = [f"epoch {int(metrics['epoch'])}",
@@ -392,20 +467,88 @@ def summary_line(metrics):
   return " | ".join(parts)
 
 
+class RunHistory(list):
+  """The per-epoch metric dicts of one `run` call (epochs before a resume are not included).
+
+  Attributes:
+    preempted: True when SIGTERM (or a JAX preemption notice) stopped the run early, after it
+      saved a checkpoint; rerunning the same command resumes.
+    resumed_from: the number of completed epochs restored from the workdir, or None.
+  """
+  preempted = False
+  resumed_from = None
+
+
+def install_stop_handler():
+  """Makes SIGTERM set the returned event instead of killing the process (main thread only).
+
+  Returns:
+    (event, restore): `restore()` puts the previous handler back.
+  """
+  stop = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    return stop, lambda: None
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+  return stop, lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def stop_requested(stop, manager, epoch):
+  """Whether any process got SIGTERM or JAX's preemption notice; every process gets the same
+  answer (all of them must take part in the save)."""
+  requested = stop.is_set()
+  if jax.process_count() > 1:
+    requested = bool(np.any(multihost_utils.process_allgather(np.int32(requested))))
+  return requested or manager.reached_preemption(epoch)
+
+
+def restore_or_keep(manager, state):
+  """`state` restored from the manager's latest checkpoint into the layout (shapes, dtypes,
+  shardings) of `state`, or `state` itself when there is none. Returns (state, resumed epoch)."""
+  epoch = manager.latest_step()
+  if epoch is None:
+    return state, None
+  template = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  del state  # free the fresh state before the restored one is allocated
+  tic = time.perf_counter()
+  state, _ = checkpoint_lib.restore(manager, epoch, template)
+  logging.info("resumed from the checkpoint after epoch %d in %s (%.1f s)", epoch - 1,
+               manager.directory, time.perf_counter() - tic)
+  return state, epoch
+
+
 def run(config, workdir):
-  """Trains for `config.num_epochs` epochs; writes metrics (JSONL + TensorBoard) and image grids
-  to `workdir`. Returns the list of per-epoch metric dicts."""
+  """Trains until `config.num_epochs` epochs are done; writes metrics (JSONL + TensorBoard),
+  image grids and checkpoints to `workdir`, resuming from its latest checkpoint if any.
+
+  Saves the whole `TrainState` every `checkpoint.every_epochs` epochs, after the last epoch, and
+  on SIGTERM (after finishing the current epoch; the run then returns early with
+  `preempted=True`). A NaN/inf epoch raises `NonFiniteError` and saves nothing of that epoch.
+
+  Returns:
+    a `RunHistory` (a list) of the per-epoch metric dicts of the epochs run by this call.
+  """
   validate_config(config)  # before anything is written to the workdir
+  resume_epoch, meta = checkpoint_lib.latest(workdir)
+  if meta is not None:  # also before anything is written
+    checkpoint_lib.check_compatible(meta["config"], config, workdir)
   trainer = Trainer(config)
-  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if jax.process_index() == 0:  # only process 0 writes logs and images
+    os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   frozen = trainer.frozen_params()
-  state = trainer.init_state()
-  history = []
-  writer = metrics_writer.MetricWriter(workdir)
+  manager = checkpoint_lib.make_manager(workdir, max_to_keep=config.checkpoint.max_to_keep,
+                                        async_save=config.checkpoint.async_save)
+  state, resume_epoch = restore_or_keep(manager, trainer.init_state())
+  history = RunHistory()
+  history.resumed_from = resume_epoch
+  writer = metrics_writer.MetricWriter(workdir, resume_epoch=resume_epoch)
+  stop, restore_handler = install_stop_handler()
+  every = config.checkpoint.every_epochs
   try:
-    epochs = tqdm.trange(config.num_epochs, desc="epochs", disable=not config.log.progress)
+    epochs = tqdm.trange(int(state.epoch), config.num_epochs, desc="epochs",
+                         disable=not config.log.progress)
     for _ in epochs:
       tic = time.perf_counter()
       state, metrics, images, prompts, reward = trainer.run_epoch(
@@ -422,6 +565,18 @@ def run(config, workdir):
       epochs.set_postfix(reward=f"{metrics['reward/mean']:.4g}")
       logging.info("%s", summary_line(metrics))
       history.append(metrics)
+      done = epoch + 1
+      history.preempted = done < config.num_epochs and stop_requested(stop, manager, done)
+      if (history.preempted or done == config.num_epochs
+          or (every > 0 and done % every == 0)):
+        checkpoint_lib.save(manager, state, config)
+      if history.preempted:
+        logging.warning("stopping after epoch %d on SIGTERM/preemption; checkpoint in %s",
+                        epoch, manager.directory)
+        break
   finally:
+    manager.wait_until_finished()  # the last good checkpoint is complete before we exit
+    manager.close()
+    restore_handler()
     writer.close()
   return history

@@ -15,10 +15,15 @@ def load_config(name="tiny", arg=None):
 
 
 def tiny_config(cache_dir, **overrides):
-  """configs/tiny.py with the model cached under `cache_dir`, progress bars off."""
+  """configs/tiny.py with the model cached under `cache_dir`, progress bars off.
+
+  Runs on ONE of conftest's 8 fake CPU devices (`num_devices=1`) unless the test overrides
+  `num_devices`/`mesh`: tiny's batch sizes (4 images, micro-batch 2) do not split over 8.
+  """
   config = load_config("tiny")
   config.pretrained.cache_dir = str(cache_dir)
   config.log.progress = False
+  config.num_devices = 1
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

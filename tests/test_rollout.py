@@ -79,3 +79,22 @@ def test_unknown_prompt_set_and_empty_file(tmp_path):
   empty.write_text("\n# only a comment\n\n")
   with pytest.raises(ValueError, match="empty.txt.*is empty"):
     prompts_lib.load_prompts(str(empty))
+
+
+def test_sample_command_writes_captioned_grid(tmp_path):
+  """`python -m tdpo_jax.sample` writes a PNG grid of non-blank, distinct images."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "grid.png"
+  result = subprocess.run(
+      [sys.executable, "-m", "tdpo_jax.sample", f"--config={helpers.REPO}/configs/tiny.py",
+       f"--config.pretrained.cache_dir={tmp_path / 'models'}", f"--out={out}",
+       "--num_images=4"],
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"wrote {out}: 4 images, 10 DDIM steps" in result.stdout
+  grid = np.asarray(Image.open(out).convert("RGB"), np.float32)
+  assert grid.shape == (2 * (128 + 40), 2 * 128, 3)  # 2x2 cells of 128 px + caption strips
+  first, second = grid[:128, :128], grid[:128, 128:]
+  assert first.std() > 10 and np.abs(first - second).mean() > 1  # not blank, not identical
