@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdpo_jax.models import convert as model_convert
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import clip_model
@@ -68,14 +67,8 @@ def mlp_pytorch_to_flax(state_dict, input_dim, source):
 
 def load_mlp(path, input_dim):
   """AestheticMLP params (jnp float32) from the converted safetensors file."""
-  if not path.endswith(".safetensors"):
-    raise ValueError(f"aesthetic MLP {path!r} is not a .safetensors file; convert the published "
-                     "pickle once with: python -m tdpo_jax.rewards.convert aesthetic "
-                     f"--src={path} --out=aesthetic_mlp.safetensors")
-  if not os.path.isfile(path):
-    raise ValueError(f"aesthetic MLP file not found: {path!r}; expected the safetensors written by "
-                     "python -m tdpo_jax.rewards.convert aesthetic")
-  params = mlp_pytorch_to_flax(model_convert.load_safetensors(path), input_dim, path)
+  state_dict = reward_convert.load_converted(path, "aesthetic", "aesthetic MLP")
+  params = mlp_pytorch_to_flax(state_dict, input_dim, path)
   return jax.tree.map(jnp.asarray, params)
 
 

@@ -66,6 +66,24 @@ def check_state_dict(state_dict, expected, source, architecture):
                        f"{architecture}")
 
 
+def load_converted(path, kind, what):
+  """The state dict of a converted `.safetensors` file; refuses pickles with the command to run.
+
+  Args:
+    path: the file given in the config.
+    kind: the converter name (`aesthetic`, `hpsv2`) for the printed command.
+    what: how the error names the file ("aesthetic MLP", "hpsv2 checkpoint").
+  """
+  if not path.endswith(".safetensors"):
+    raise ValueError(f"{what} {path!r} is not a .safetensors file; convert the published pickle "
+                     f"once with: python -m tdpo_jax.rewards.convert {kind} --src={path} "
+                     f"--out={kind}.safetensors")
+  if not os.path.isfile(path):
+    raise ValueError(f"{what} not found: {path!r}; expected the safetensors written by "
+                     f"python -m tdpo_jax.rewards.convert {kind}")
+  return model_convert.load_safetensors(path)
+
+
 def unwrap_state_dict(checkpoint, source):
   """The flat state dict inside a loaded checkpoint: `{"state_dict": ...}` and `module.` prefixes
   (HPSv2 saves `{"state_dict": ..., "epoch": ...}` from DDP training) are removed."""

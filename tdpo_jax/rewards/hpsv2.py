@@ -16,12 +16,10 @@ preprocessor_config.json); the open_clip keys are renamed by `open_clip_keys` an
 the Flax `FlaxCLIPModule` of `clip_model`. Conversion is NumPy only (a split and transposes), so
 it is not cached.
 """
-import os
 
 import jax
 import jax.numpy as jnp
 
-from tdpo_jax.models import convert as model_convert
 from tdpo_jax.rewards import clip_model
 from tdpo_jax.rewards import convert as reward_convert
 from tdpo_jax.rewards import open_clip_keys
@@ -40,15 +38,9 @@ def open_clip_to_flax(state_dict, module, source):
 
 def load(checkpoint, clip_config):
   """(ClipModel, params) from the converted HPSv2 safetensors and a CLIP config directory."""
-  if not checkpoint.endswith(".safetensors"):
-    raise ValueError(f"hpsv2 checkpoint {checkpoint!r} is not a .safetensors file; convert the "
-                     "published pickle once with: python -m tdpo_jax.rewards.convert hpsv2 "
-                     f"--src={checkpoint} --out=hpsv2.safetensors")
-  if not os.path.isfile(checkpoint):
-    raise ValueError(f"hpsv2 checkpoint not found: {checkpoint!r}; expected the safetensors "
-                     "written by python -m tdpo_jax.rewards.convert hpsv2")
+  state_dict = reward_convert.load_converted(checkpoint, "hpsv2", "hpsv2 checkpoint")
   model = clip_model.make_clip_model(clip_model.read_clip_config(clip_config), clip_config)
-  params = open_clip_to_flax(model_convert.load_safetensors(checkpoint), model.module, checkpoint)
+  params = open_clip_to_flax(state_dict, model.module, checkpoint)
   return model, jax.tree.map(jnp.asarray, params)
 
 
