@@ -31,3 +31,20 @@ def tiny_config(cache_dir, **overrides):
       node = node[parent]
     node[leaf] = value
   return config
+
+
+def epoch_batches(trainer, state, frozen, trajectory, prompt_index, epoch=0):
+  """The pre-training phases of `Trainer.run_epoch` (reward, normalise, critic values,
+  advantages), returning the epoch's `TransitionBatch` with leading dims (S, k, M)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import objectives  # pylint: disable=import-outside-toplevel
+  prompts = [trainer.prompts[i] for i in prompt_index]
+  reward = trainer.reward_fn(np.asarray(trajectory.images), prompts)
+  _, normalised = trainer.jit_normalise(state.normaliser, prompt_index, reward)
+  returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
+  embeds = trainer.embed_states(frozen, trajectory)
+  values = trainer.jit_values(state.critic_params, embeds.reshape(-1, trainer.embed_dim))
+  values = values.reshape(returns.shape)
+  advantages = objectives.advantages(returns, values)
+  return trainer.transitions(trajectory, embeds, advantages, returns, values, epoch)

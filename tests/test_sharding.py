@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tdpo_jax import objectives
 from tdpo_jax import sharding
 from tdpo_jax import train
 from tests import helpers
@@ -137,15 +136,7 @@ def _equivalence_config(cache_dir, mesh_config, num_devices):
 
 def _first_train_batch(trainer, state, frozen, trajectory, prompt_index):
   """The epoch's first optimizer-step batch (k, M, ...) as host arrays."""
-  prompts = [trainer.prompts[i] for i in prompt_index]
-  reward = trainer.reward_fn(np.asarray(trajectory.images), prompts)
-  _, normalised = trainer.jit_normalise(state.normaliser, prompt_index, reward)
-  returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
-  embeds = trainer.embed_states(frozen, trajectory)
-  values = trainer.jit_values(state.critic_params, embeds.reshape(-1, trainer.embed_dim))
-  values = values.reshape(returns.shape)
-  advantages = objectives.advantages(returns, values)
-  batches = trainer.transitions(trajectory, embeds, advantages, returns, values, 0)
+  batches = helpers.epoch_batches(trainer, state, frozen, trajectory, prompt_index)
   return jax.tree.map(lambda x: np.asarray(x[0]), batches)
 
 

@@ -28,18 +28,9 @@ def cache_dir(tmp_path_factory):
 
 
 def _prepare(trainer, state, frozen):
-  """Runs the pre-training phases of an epoch; returns the epoch's TransitionBatch."""
+  """Samples epoch 0 and returns its TransitionBatch."""
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
-  prompts = [trainer.prompts[i] for i in prompt_index]
-  reward = trainer.reward_fn(np.asarray(trajectory.images), prompts)
-  _, normalised = trainer.jit_normalise(state.normaliser, prompt_index, reward)
-  returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
-  embeds = trainer.embed_states(frozen, trajectory)
-  values = trainer.jit_values(state.critic_params, embeds.reshape(-1, trainer.embed_dim))
-  values = values.reshape(returns.shape)
-  from tdpo_jax import objectives  # pylint: disable=g-import-not-at-top
-  advantages = objectives.advantages(returns, values)
-  return trainer.transitions(trajectory, embeds, advantages, returns, values, 0)
+  return helpers.epoch_batches(trainer, state, frozen, trajectory, prompt_index)
 
 
 def _params_close(a, b, rtol, atol):
