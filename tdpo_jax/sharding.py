@@ -187,6 +187,20 @@ def put_tree(tree, shardings):
   return jax.device_put(tree, shardings)
 
 
+def replicate_host(tree, mesh):
+  """Host values or process-local arrays (e.g. PRNG keys derived from the root key), identical
+  on every process, as arrays replicated over the whole mesh (multi-process safe: a committed
+  single-device array cannot be `device_put` onto devices of other processes)."""
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      data = jax.device_put(np.asarray(jax.random.key_data(x)), sharding)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(put, tree)
+
+
 def process_batch_slice(mesh, global_batch):
   """The rows [start, stop) of a batch of `global_batch` that this process feeds.
 

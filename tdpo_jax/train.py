@@ -237,7 +237,6 @@ class Trainer:
                                    vae=frozen.vae)
     sample_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_SAMPLE), epoch)
     host_rng = np.random.default_rng([config.seed, epoch])
-    replicated = sharding_lib.replicated(self.mesh)
     # Every process draws the same global prompt indices and feeds only its own rows.
     start, stop = sharding_lib.process_batch_slice(self.mesh, config.sample.batch_size)
     trajectories, prompt_index = [], []
@@ -250,8 +249,8 @@ class Trainer:
           self.pipeline, [self.prompts[i] for i in index[start:stop]])
       input_ids = sharding_lib.host_batch_to_global(local_ids, self.mesh,
                                                     config.sample.batch_size)
-      uncond_ids, rng = jax.device_put(
-          (uncond_ids, jax.random.fold_in(sample_key, batch)), replicated)
+      uncond_ids, rng = sharding_lib.replicate_host(
+          (uncond_ids, jax.random.fold_in(sample_key, batch)), self.mesh)
       trajectories.append(self.rollout_fn(params, input_ids, uncond_ids, rng))
       prompt_index.append(index)
     trajectory = jax.tree.map(lambda *x: jnp.concatenate(x), *trajectories)
@@ -302,7 +301,9 @@ class Trainer:
     sample_index = jnp.broadcast_to(sample_perm[None], (t_train, n))   # pass j, slot i
     step_index = step_perm[sample_perm][:, :t_train].T                  # (t_train, n)
     shape = (-1, accum, micro)
-    sample_index, step_index = sample_index.reshape(shape), step_index.reshape(shape)
+    # Host indices: process-local arrays cannot index arrays that span processes.
+    sample_index = np.asarray(sample_index).reshape(shape)
+    step_index = np.asarray(step_index).reshape(shape)
     take = lambda x: x[sample_index, step_index]
     return train_step_lib.TransitionBatch(
         latents=take(trajectory.latents[:, :-1]),
@@ -376,9 +377,9 @@ class Trainer:
     step_metrics = []
     for update in tqdm.trange(num_updates, desc=f"epoch {epoch} train", disable=not progress,
                               leave=False):
-      batch, rng = jax.device_put(
-          (jax.tree.map(lambda x, u=update: x[u], batches), jax.random.fold_in(train_key, update)),
-          (self.transition_sharding, sharding_lib.replicated(self.mesh)))
+      batch = jax.device_put(jax.tree.map(lambda x, u=update: x[u], batches),
+                             self.transition_sharding)
+      rng = sharding_lib.replicate_host(jax.random.fold_in(train_key, update), self.mesh)
       state, step_out = self.jit_train_step(state, frozen, batch, rng)
       step_metrics.append(step_out)
     step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
@@ -394,8 +395,8 @@ class Trainer:
       probe = self._probe(embeds, epoch)
       metrics.update(self.jit_dormant(state.critic_params, probe))
       if self.use_reset and (epoch + 1) % config.reset.period == 0:
-        reset_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_RESET),
-                                       state.reset_count)
+        reset_key = sharding_lib.replicate_host(jax.random.fold_in(
+            jax.random.fold_in(self.root_key, STREAM_RESET), int(state.reset_count)), self.mesh)
         critic_params, critic_opt_state, reset_stats = self.jit_reset(
             state.critic_params, state.critic_opt_state, probe, reset_key)
         state = state.replace(critic_params=critic_params, critic_opt_state=critic_opt_state,
@@ -422,7 +423,7 @@ class Trainer:
     flat = embeds.reshape(-1, self.embed_dim)
     key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_PROBE), epoch)
     size = min(self.config.reset.probe_size, flat.shape[0])
-    return flat[jax.random.choice(key, flat.shape[0], (size,), replace=False)]
+    return flat[np.asarray(jax.random.choice(key, flat.shape[0], (size,), replace=False))]
 
 
 def make_init_state_fn(config, critic, embed_dim, num_prompts, root_key):
@@ -530,6 +531,8 @@ def run(config, workdir):
   """
   validate_config(config)  # before anything is written to the workdir
   resume_epoch, meta = checkpoint_lib.latest(workdir)
+  if jax.process_count() > 1:  # nobody creates checkpoints/ before every process has looked
+    multihost_utils.sync_global_devices("tdpo_jax.run: read latest checkpoint")
   if meta is not None:  # also before anything is written
     checkpoint_lib.check_compatible(meta["config"], config, workdir)
   trainer = Trainer(config)
@@ -556,7 +559,8 @@ def run(config, workdir):
       metrics["time/epoch_s"] = time.perf_counter() - tic
       epoch = int(metrics["epoch"])
       writer.write(epoch, metrics)
-      if config.log.image_grid_every and epoch % config.log.image_grid_every == 0:
+      if (jax.process_index() == 0 and config.log.image_grid_every
+          and epoch % config.log.image_grid_every == 0):  # images only from process 0
         count = min(config.log.num_grid_images, len(images))
         captions = [f"{p} | {r:.3g}" for p, r in zip(prompts[:count], reward[:count])]
         path = images_lib.save_grid(
