@@ -110,8 +110,11 @@ class Evaluator:
     if not self.enabled:
       return
     cache_dir = config.pretrained.cache_dir
-    self.reward_fns = {name: rewards.make_reward_fn(name, config.rewards, cache_dir=cache_dir)
-                       for name in config.eval.rewards}
+    # The training reward is already loaded: a second copy of a ViT-H would double its memory.
+    self.reward_fns = {
+        name: (trainer.reward_fn if name == config.reward
+               else rewards.make_reward_fn(name, config.rewards, cache_dir=cache_dir))
+        for name in config.eval.rewards}
     self.prompts = heldout_prompt_list(config)
     self.samples_per_prompt = config.eval.samples_per_prompt
     self.diversity = bool(config.eval.diversity)

@@ -4,8 +4,9 @@ Writes (each only when its metrics were logged):
   reward.png            training reward, mean ± std per epoch;
   eval_<reward>.png     each cross-reward: training prompts and held-out prompts, mean ± std;
   diversity.png         held-out diversity (mean pairwise CLIP cosine distance);
-  kl.png                KL to the initial policy (`policy/approx_kl`; `policy/kl_penalty` when a
-                        KL penalty is on);
+  kl.png                KL to the initial policy when `train.kl_mode` logs it
+                        (`policy/kl_penalty`, `policy/kl_to_ref`), and PPO's `policy/approx_kl`
+                        (to the epoch's sampling policy; always logged);
   dormant.png           dormant fraction of each critic layer (`reset/dormant_frac/l*`).
 The default output directory is `<workdir>/plots`.
 """
@@ -21,6 +22,13 @@ DPI = 100
 STD_ALPHA = 0.25  # opacity of the ± std band
 EVAL_KEY = re.compile(r"^eval/(train_prompts|heldout)/(.+)/mean$")
 SPLIT_LABELS = {"train_prompts": "training prompts", "heldout": "held-out prompts"}
+# The logged KL estimates: to the pre-trained policy when a KL term is on (train.kl_mode), and
+# PPO's approximate KL between the sampling policy and the updated one (always logged).
+KL_LABELS = {
+    "policy/kl_penalty": "to the initial policy (return penalty)",
+    "policy/kl_to_ref": "to the initial policy (gaussian)",
+    "policy/approx_kl": "PPO approx. KL to the epoch's sampling policy",
+}
 
 
 def series(rows, key):
@@ -87,11 +95,11 @@ def plot_metrics(rows, out_dir):
     axes.plot(epochs, values, marker="o", markersize=3)
     paths.append(_save(plt, figure, axes, os.path.join(out_dir, "diversity.png"), legend=False))
 
-  kl_keys = [k for k in ("policy/approx_kl", "policy/kl_penalty") if k in keys]
+  kl_keys = [k for k in KL_LABELS if k in keys]
   if kl_keys:
-    figure, axes = _new_figure(plt, "KL to the initial policy", "KL")
+    figure, axes = _new_figure(plt, "policy KL", "KL")
     for key in kl_keys:
-      axes.plot(*series(rows, key), marker="o", markersize=3, label=key)
+      axes.plot(*series(rows, key), marker="o", markersize=3, label=KL_LABELS[key])
     paths.append(_save(plt, figure, axes, os.path.join(out_dir, "kl.png")))
 
   dormant = sorted((k for k in keys if k.startswith("reset/dormant_frac/l")),
