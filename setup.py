@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    "matplotlib==3.11.2",  # python -m tdpo_jax.plot
 ]
 
 setuptools.setup(

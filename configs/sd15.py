@@ -3,9 +3,15 @@
 Usage:
   python -m tdpo_jax.main --config=configs/sd15.py --workdir=/tmp/run
   python -m tdpo_jax.main --config=configs/sd15.py:algorithm=ddpo --config.sample.num_steps=20
+  python -m tdpo_jax.main --config=configs/sd15.py:reward=hpsv2,sd14 --workdir=/tmp/hps14
 
-The optional argument string is a comma-separated list of `key=value` presets
-(`algorithm=ddpo|tdpo|tdpo_r`, `sd14`).
+The optional argument string is a comma-separated list of `key=value` presets:
+  algorithm=ddpo|tdpo|tdpo_r  the algorithm (default tdpo_r);
+  reward=aesthetic|pickscore|hpsv2  the paper's runs: aesthetic and pickscore train on
+      simple_animals and evaluate on unseen_animals; hpsv2 trains on the hpsv2_photo prompts and
+      evaluates on hpsv2_photo_eval. Every run is scored by all three rewards (cross-reward
+      evaluation, `eval.*`), so overoptimisation of the trained one shows;
+  sd14  Stable Diffusion 1.4 instead of 1.5.
 """
 import ml_collections
 
@@ -21,8 +27,19 @@ def parse_arg(arg, **defaults):
   return parsed
 
 
+# The paper's runs: reward preset -> (training prompt set, held-out evaluation prompt set).
+PAPER_PROMPTS = {
+    "aesthetic": ("simple_animals", "unseen_animals"),
+    "pickscore": ("simple_animals", "unseen_animals"),
+    "hpsv2": ("hpsv2_photo", "hpsv2_photo_eval"),
+}
+
+
 def get_config(arg=None):
-  args = parse_arg(arg, algorithm="tdpo_r", sd14=False)
+  args = parse_arg(arg, algorithm="tdpo_r", reward="aesthetic", sd14=False)
+  if args.reward not in PAPER_PROMPTS:
+    raise ValueError(f"unknown reward preset {args.reward!r}; expected one of "
+                     f"{sorted(PAPER_PROMPTS)} (other rewards: --config.reward=NAME)")
   c = ml_collections.ConfigDict()
   c.seed = 42
   # ddpo: critic off, trajectory-level advantage. tdpo: critic on, no reset. tdpo_r: critic + reset.
@@ -39,15 +56,18 @@ def get_config(arg=None):
   # The critic's frozen CLIP image tower (the aesthetic reward's CLIP-L/14).
   c.pretrained.image_encoder = "openai/clip-vit-large-patch14"
 
-  c.prompts = "simple_animals"  # a shipped prompt set name or a path to a text file (one per line)
-  # The paper's reward for simple_animals; "pickscore", "hpsv2", "jpeg_compressibility", ...
-  c.reward = "aesthetic"
-  # Weight locations of the model rewards (local directories / safetensors files; pickled
-  # checkpoints are converted once with `python -m tdpo_jax.rewards.convert`).
+  # A shipped prompt set name or a path to a text file (one per line).
+  c.prompts, heldout_prompts = PAPER_PROMPTS[args.reward]
+  # "aesthetic" (the paper's reward for simple_animals), "pickscore", "hpsv2",
+  # "jpeg_compressibility", ...
+  c.reward = args.reward
+  # Weight locations of the model rewards: CLIP model / config / processor entries are local
+  # directories or hub ids; `mlp` and `checkpoint` are local .safetensors files (the published
+  # pickles are converted once with `python -m tdpo_jax.rewards.convert`).
   c.rewards = ml_collections.ConfigDict()
   c.rewards.aesthetic = dict(clip="openai/clip-vit-large-patch14", mlp="")
   c.rewards.pickscore = dict(model="yuvalkirstain/PickScore_v1", processor="")
-  c.rewards.hpsv2 = dict(checkpoint="", clip_config="")
+  c.rewards.hpsv2 = dict(checkpoint="", clip_config="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
   c.rewards.imagereward = dict(model="ImageReward-v1.0", device="cuda")
 
   c.sample = ml_collections.ConfigDict()
@@ -129,8 +149,29 @@ def get_config(arg=None):
   c.checkpoint.max_to_keep = 3
   c.checkpoint.async_save = True  # write in the background while the next epoch runs
 
+  # Cross-reward evaluation (tdpo_jax/evaluation.py): every `every` epochs (0 = off) and after
+  # the last one, the epoch's samples and `num_prompts` held-out prompts x `samples_per_prompt`
+  # samples of the current policy (fixed key `seed`, so epochs compare) are scored by every
+  # reward in `rewards`; `diversity` adds the mean pairwise CLIP-embedding cosine distance per
+  # prompt (the critic's image encoder). Held-out samples are drawn in rollouts of
+  # sample.batch_size (the last one padded), so 16 x 4 = 64 costs one rollout.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 10
+  c.eval.rewards = ("aesthetic", "pickscore", "hpsv2")
+  c.eval.prompts = heldout_prompts
+  c.eval.num_prompts = 0  # 0 = the whole held-out set
+  c.eval.samples_per_prompt = 4
+  c.eval.seed = 2024
+  c.eval.diversity = True
+
   c.log = ml_collections.ConfigDict()
   c.log.image_grid_every = 1
   c.log.num_grid_images = 16
   c.log.progress = True
+  # Optional Weights & Biases (not a dependency: `pip install wandb`); "" = W&B's default.
+  c.log.wandb = ml_collections.ConfigDict()
+  c.log.wandb.enabled = False
+  c.log.wandb.project = "tdpo_jax"
+  c.log.wandb.entity = ""
+  c.log.wandb.name = ""
   return c

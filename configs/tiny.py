@@ -30,6 +30,14 @@ def get_config(arg=None):
   c.train.gradient_accumulation_steps = 4
   c.reset.period = 2
   c.log.num_grid_images = 8
+  # Two cheap eval rewards, diversity with the tiny 32-d image encoder; 2 prompts x 2 samples
+  # fit one rollout of sample.batch_size 4 (the batch split over the mesh as training's).
+  c.eval.every = 2
+  c.eval.rewards = ("jpeg_compressibility", "jpeg_incompressibility")
+  c.eval.prompts = "animal_activities"
+  c.eval.num_prompts = 2
+  c.eval.samples_per_prompt = 2
+  c.eval.diversity = True
   return c
 
 

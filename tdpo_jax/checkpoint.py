@@ -27,8 +27,8 @@ CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
 # Config keys (fnmatch patterns on dotted paths) that may differ between a run and its resume;
 # the mesh and sharding rules may change too (orbax reshards the state on restore).
-RESUMABLE_KEY_PATTERNS = ("num_epochs", "log.*", "checkpoint.*", "pretrained.cache_dir",
-                          "mesh", "num_devices", "sharding.*")
+RESUMABLE_KEY_PATTERNS = ("num_epochs", "log.*", "eval.*", "checkpoint.*",
+                          "pretrained.cache_dir", "mesh", "num_devices", "sharding.*")
 
 
 class _DropOrbaxInfo(python_logging.Filter):

@@ -28,6 +28,7 @@ import tqdm
 from tdpo_jax import checkpoint as checkpoint_lib
 from tdpo_jax import critic as critic_lib
 from tdpo_jax import ddim
+from tdpo_jax import evaluation
 from tdpo_jax import images as images_lib
 from tdpo_jax import metrics_writer
 from tdpo_jax import objectives
@@ -98,6 +99,8 @@ def validate_config(config):
         f"train.batch_size)")
   if config.reset.period < 1:
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
+  evaluation.validate_config(config)
+  metrics_writer.check_config(config)  # W&B on but not installed
 
 
 def validate_mesh(config, mesh):
@@ -232,29 +235,36 @@ class Trainer:
   def sample(self, state, frozen, epoch, progress=False):
     """Samples the epoch's N trajectories; returns (trajectory with leading dim N, prompt ids)."""
     config = self.config
-    unet_params = self.jit_merge(frozen.unet, state.policy_params)
-    params = rollout.RolloutParams(unet=unet_params, text_encoder=frozen.text_encoder,
-                                   vae=frozen.vae)
+    params = self.rollout_params(state, frozen)
     sample_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_SAMPLE), epoch)
     host_rng = np.random.default_rng([config.seed, epoch])
-    # Every process draws the same global prompt indices and feeds only its own rows.
-    start, stop = sharding_lib.process_batch_slice(self.mesh, config.sample.batch_size)
     trajectories, prompt_index = [], []
     batches = range(config.sample.num_batches_per_epoch)
     for batch in tqdm.tqdm(batches, desc=f"epoch {epoch} sample", disable=not progress,
                            leave=False):
       index = prompts_lib.sample_prompt_indices(host_rng, len(self.prompts),
                                                 config.sample.batch_size)
-      local_ids, uncond_ids = rollout.tokenize_prompts(
-          self.pipeline, [self.prompts[i] for i in index[start:stop]])
-      input_ids = sharding_lib.host_batch_to_global(local_ids, self.mesh,
-                                                    config.sample.batch_size)
-      uncond_ids, rng = sharding_lib.replicate_host(
-          (uncond_ids, jax.random.fold_in(sample_key, batch)), self.mesh)
-      trajectories.append(self.rollout_fn(params, input_ids, uncond_ids, rng))
+      trajectories.append(self.rollout_prompts(
+          params, [self.prompts[i] for i in index], jax.random.fold_in(sample_key, batch)))
       prompt_index.append(index)
     trajectory = jax.tree.map(lambda *x: jnp.concatenate(x), *trajectories)
     return trajectory, np.concatenate(prompt_index)
+
+  def rollout_params(self, state, frozen):
+    """The current policy's `RolloutParams` (LoRA merged into the frozen UNet)."""
+    unet_params = self.jit_merge(frozen.unet, state.policy_params)
+    return rollout.RolloutParams(unet=unet_params, text_encoder=frozen.text_encoder,
+                                 vae=frozen.vae)
+
+  def rollout_prompts(self, params, prompts, rng):
+    """One jitted rollout of a global batch of prompt strings (every process passes all of
+    them, the same on each; each feeds only its own rows). Returns the `Trajectory`."""
+    count = len(prompts)
+    start, stop = sharding_lib.process_batch_slice(self.mesh, count)
+    local_ids, uncond_ids = rollout.tokenize_prompts(self.pipeline, prompts[start:stop])
+    input_ids = sharding_lib.host_batch_to_global(local_ids, self.mesh, count)
+    uncond_ids, rng = sharding_lib.replicate_host((uncond_ids, rng), self.mesh)
+    return self.rollout_fn(params, input_ids, uncond_ids, rng)
 
   def embed_states(self, frozen, trajectory):
     """Frozen critic embeddings of x_T ... x_1 for every sample: (N, T, d)."""
@@ -536,6 +546,7 @@ def run(config, workdir):
   if meta is not None:  # also before anything is written
     checkpoint_lib.check_compatible(meta["config"], config, workdir)
   trainer = Trainer(config)
+  evaluator = evaluation.Evaluator(config, trainer)  # loads the eval rewards once (or nothing)
   if jax.process_index() == 0:  # only process 0 writes logs and images
     os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -546,7 +557,7 @@ def run(config, workdir):
   state, resume_epoch = restore_or_keep(manager, trainer.init_state())
   history = RunHistory()
   history.resumed_from = resume_epoch
-  writer = metrics_writer.MetricWriter(workdir, resume_epoch=resume_epoch)
+  writer = metrics_writer.MetricWriter(workdir, resume_epoch=resume_epoch, config=config)
   stop, restore_handler = install_stop_handler()
   every = config.checkpoint.every_epochs
   try:
@@ -558,6 +569,9 @@ def run(config, workdir):
           state, frozen, progress=config.log.progress)
       metrics["time/epoch_s"] = time.perf_counter() - tic
       epoch = int(metrics["epoch"])
+      if evaluator.due(epoch):  # before writing: one metrics.jsonl line per epoch
+        metrics.update(evaluator.evaluate(state, frozen, epoch, images, prompts, writer,
+                                          workdir)[0])
       writer.write(epoch, metrics)
       if (jax.process_index() == 0 and config.log.image_grid_every
           and epoch % config.log.image_grid_every == 0):  # images only from process 0

@@ -21,6 +21,7 @@ import scipy.special
 from tdpo_jax import rewards
 from tdpo_jax.models import convert as model_convert
 from tdpo_jax.models import image_encoder as image_encoder_lib
+from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import tiny
 from tdpo_jax.rewards import aesthetic
 from tdpo_jax.rewards import clip_model
@@ -473,3 +474,22 @@ def test_registry_errors():
   rewards.check_name("hpsv2")
   with pytest.raises(ValueError, match="unknown reward"):
     rewards.check_name("hps")
+
+
+def test_reward_clip_directories_accept_hub_ids(tmp_path, monkeypatch):
+  """A hub id in a CLIP directory entry is downloaded (single-model file patterns) before the
+  loader reads it; the loader then reports what is missing in the downloaded directory."""
+  import huggingface_hub  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def fake_download(repo_id, allow_patterns=None, cache_dir=None):
+    calls.append((repo_id, tuple(allow_patterns), cache_dir))
+    return str(tmp_path)  # an empty "download"
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  section = {"pickscore": {"model": "yuvalkirstain/PickScore_v1", "processor": ""}}
+  with pytest.raises(ValueError, match=r"missing CLIP config .*config.json"):
+    rewards.make_reward_fn("pickscore", section, cache_dir=str(tmp_path / "hub"))
+  assert calls == [("yuvalkirstain/PickScore_v1", tuple(pipeline_lib.CLIP_HUB_PATTERNS),
+                    str(tmp_path / "hub"))]
+  assert "config.json" in pipeline_lib.CLIP_HUB_PATTERNS

@@ -38,6 +38,10 @@ REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_SCALING_FACTOR = 0.18215
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "*/*.msgpack", "*/*.safetensors",
                  "tokenizer/*", "scheduler/*", "*/preprocessor_config.json"]
+# A single transformers model repo (a CLIP image encoder or reward model): files at its root.
+CLIP_HUB_PATTERNS = ["config.json", "preprocessor_config.json", "model.safetensors",
+                     "flax_model.msgpack", "vocab.json", "merges.txt", "tokenizer.json",
+                     "tokenizer_config.json", "special_tokens_map.json"]
 
 
 class ModelLoadError(ValueError):
@@ -106,8 +110,12 @@ def _resolve_tiny(spec, cache_dir, tiny_spec):
   return directory
 
 
-def resolve_model_spec(spec, *, cache_dir="", tiny_spec=None):
+def resolve_model_spec(spec, *, cache_dir="", tiny_spec=None, allow_patterns=None):
   """Local directory of a model spec: a directory, "tiny:<seed>" or a hub id.
+
+  Args:
+    allow_patterns: the files a hub id downloads; None = a diffusers pipeline's
+      (`CLIP_HUB_PATTERNS` for a single transformers model).
 
   Raises:
     ModelLoadError: a missing directory, a malformed "tiny:" spec, or a failed download.
@@ -124,7 +132,7 @@ def resolve_model_spec(spec, *, cache_dir="", tiny_spec=None):
   import huggingface_hub  # noqa: PLC0415  (only the hub path needs it)
   try:
     return huggingface_hub.snapshot_download(
-        spec, allow_patterns=_HUB_PATTERNS, cache_dir=cache_dir or None)
+        spec, allow_patterns=allow_patterns or _HUB_PATTERNS, cache_dir=cache_dir or None)
   except Exception as error:  # network, auth, not found: one line for the user.
     raise ModelLoadError(f"model spec {spec!r} is neither a local directory nor a downloadable "
                          f"hub id ({type(error).__name__})") from error
@@ -308,7 +316,8 @@ def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
                          "diffusers-format pipeline directory")
   folders = {name: _subfolder(directory, name) for name in REQUIRED_SUBFOLDERS}
   if image_encoder:  # resolved first: a bad path fails before the slow loads.
-    encoder_dir = resolve_model_spec(image_encoder, cache_dir=cache_dir)
+    encoder_dir = resolve_model_spec(image_encoder, cache_dir=cache_dir,
+                                     allow_patterns=CLIP_HUB_PATTERNS)
   else:
     encoder_dir = os.path.join(directory, "image_encoder")
     encoder_dir = encoder_dir if os.path.isdir(encoder_dir) else ""

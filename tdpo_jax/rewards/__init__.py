@@ -12,8 +12,11 @@ Two kinds of rewards:
       pickscore   config.rewards.pickscore.model (CLIPModel dir), .processor ("" = model dir)
       hpsv2       config.rewards.hpsv2.checkpoint (converted .safetensors), .clip_config (dir)
       imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model)
+Every CLIP directory entry (aesthetic.clip, pickscore.model/.processor, hpsv2.clip_config) may
+also be a hub id "org/name", downloaded on first use; the .safetensors entries are local files.
 `make_reward_fn` handles both kinds, so callers use it for every name.
 """
+from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import aesthetic
 from tdpo_jax.rewards import host_callback
 from tdpo_jax.rewards import hpsv2
@@ -37,6 +40,13 @@ _MODEL_REWARDS = {
     "pickscore": (pickscore.make_reward_fn, ("model", "processor")),
     "hpsv2": (hpsv2.make_reward_fn, ("checkpoint", "clip_config")),
     "imagereward": (_imagereward, ("model", "device")),
+}
+# The keys that name a transformers model directory: a local directory or a hub id "org/name"
+# (downloaded into cache_dir, or the hub cache); "" stays "" (the builder's default).
+_DIRECTORY_KEYS = {
+    "aesthetic": ("clip",),
+    "pickscore": ("model", "processor"),
+    "hpsv2": ("clip_config",),
 }
 
 
@@ -90,4 +100,9 @@ def make_reward_fn(name, config_rewards=None, cache_dir=""):
   if missing:
     raise ValueError(f"config.rewards.{name} has no {missing[0]!r}; expected the keys "
                      f"{', '.join(keys)}")
-  return builder(**{key: section[key] for key in keys}, cache_dir=cache_dir)
+  values = {key: section[key] for key in keys}
+  for key in _DIRECTORY_KEYS.get(name, ()):
+    if values[key]:
+      values[key] = pipeline_lib.resolve_model_spec(
+          values[key], cache_dir=cache_dir, allow_patterns=pipeline_lib.CLIP_HUB_PATTERNS)
+  return builder(**values, cache_dir=cache_dir)

@@ -1,0 +1,235 @@
+"""Cross-reward evaluation: reward overoptimisation shows only under rewards a run did not train on.
+
+Shape legend: P held-out prompts, S samples per prompt, N = P x S held-out images, B the rollout
+batch (`sample.batch_size`), d the CLIP image-embedding width; images NHWC float in [0, 1].
+
+Every `eval.every` epochs (and after the last epoch), with `config.eval`:
+  * the epoch's own samples (training prompts) are scored by every reward in `eval.rewards`
+    -> `eval/train_prompts/<reward>/{mean,std}`;
+  * `eval.num_prompts` prompts of the held-out set `eval.prompts`, `eval.samples_per_prompt`
+    each, are sampled by the CURRENT policy with the fixed key `eval.seed` (so epochs are
+    comparable, and a resumed run evaluates exactly as an uninterrupted one) and scored
+    -> `eval/heldout/<reward>/{mean,std}`;
+  * diversity of prompt p: the mean over sample pairs i < j of the cosine distance of their CLIP
+    image embeddings (the critic's image encoder),
+        div_p = 2 / (S (S - 1)) sum_{i<j} (1 - <e_i, e_j> / (|e_i| |e_j|)),
+    -> `eval/heldout/diversity` = mean_p div_p.
+Per-prompt rows (prompt, each reward's mean, diversity) go to `<workdir>/eval/epoch_EEEE.csv` and
+to TensorBoard as a markdown table; a captioned grid of the held-out samples to
+`<workdir>/eval/epoch_EEEE.png`.
+
+The held-out rollouts reuse the trainer's jitted rollout kernel in chunks of `sample.batch_size`
+(the last chunk padded with repeats of its last prompt, dropped afterwards), so they need no new
+compilation and split over the mesh exactly as training samples do.
+"""
+import csv
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tdpo_jax import images as images_lib
+from tdpo_jax import prompts as prompts_lib
+from tdpo_jax import rewards
+from tdpo_jax import sharding as sharding_lib
+from tdpo_jax.models import image_encoder as image_encoder_lib
+
+# Keeps 1 - cos finite for an all-zero embedding (such a pair counts as distance 1).
+NORM_EPS = 1e-12
+
+
+def validate_config(config):
+  """Checks `config.eval`; raises a one-line ValueError naming the bad key and value."""
+  c = config.eval
+  if c.every < 0:
+    raise ValueError(f"eval.every={c.every} must be >= 0 (0 = no evaluation)")
+  if not c.every:
+    return
+  if isinstance(c.rewards, str) or not c.rewards:
+    raise ValueError(f"eval.rewards={c.rewards!r} must be a non-empty tuple of reward names; "
+                     f"expected names from {rewards.available()}")
+  for name in c.rewards:
+    try:
+      rewards.check_name(name)
+    except ValueError as error:
+      raise ValueError(f"eval.rewards: {error}") from None
+  if len(set(c.rewards)) != len(c.rewards):
+    raise ValueError(f"eval.rewards={tuple(c.rewards)} names a reward twice")
+  minimum = 2 if c.diversity else 1
+  if c.samples_per_prompt < minimum:
+    raise ValueError(f"eval.samples_per_prompt={c.samples_per_prompt} must be >= {minimum}"
+                     + (" (diversity compares pairs of samples)" if c.diversity else ""))
+  available = len(prompts_lib.load_prompts(c.prompts))  # raises for an unknown set
+  if not 0 <= c.num_prompts <= available:
+    raise ValueError(f"eval.num_prompts={c.num_prompts} must be in [0, {available}], the size "
+                     f"of the held-out set {c.prompts!r} (0 = all of it)")
+
+
+def is_due(config, epoch):
+  """Whether epoch `epoch` (0-based) is evaluated: every `eval.every`-th, and the last one."""
+  every = config.eval.every
+  return every > 0 and (epoch % every == 0 or epoch == config.num_epochs - 1)
+
+
+def pairwise_cosine_diversity(embeds):
+  """Mean pairwise cosine distance per group (the diversity of one prompt's samples).
+
+  Args:
+    embeds: (P, S, d) embeddings, S >= 2 samples of each of P prompts.
+  Returns:
+    (P,) float32: mean over i < j of 1 - cos(e_i, e_j); 0 when all S samples are identical.
+  """
+  embeds = jnp.asarray(embeds, jnp.float32)
+  samples = embeds.shape[1]
+  if samples < 2:
+    raise ValueError(f"diversity needs >= 2 samples per prompt, got {samples}")
+  unit = embeds / jnp.maximum(jnp.linalg.norm(embeds, axis=-1, keepdims=True), NORM_EPS)
+  similarity = jnp.einsum("psd,ptd->pst", unit, unit)
+  first, second = np.triu_indices(samples, k=1)
+  return jnp.mean(1.0 - similarity[:, first, second], axis=-1)
+
+
+def heldout_prompt_list(config):
+  """The P held-out prompts: the first `eval.num_prompts` of `eval.prompts` (0 = all)."""
+  prompts = prompts_lib.load_prompts(config.eval.prompts)
+  return list(prompts[:config.eval.num_prompts or len(prompts)])
+
+
+class Evaluator:
+  """Holds the eval reward functions (built once) and runs the evaluation of one epoch."""
+
+  def __init__(self, config, trainer):
+    """Builds nothing when `eval.every` is 0; otherwise loads every eval reward once."""
+    validate_config(config)
+    self.config, self.trainer = config, trainer
+    self.enabled = config.eval.every > 0
+    if not self.enabled:
+      return
+    cache_dir = config.pretrained.cache_dir
+    # The training reward is already loaded: a second copy of a ViT-H would double its memory.
+    self.reward_fns = {
+        name: (trainer.reward_fn if name == config.reward
+               else rewards.make_reward_fn(name, config.rewards, cache_dir=cache_dir))
+        for name in config.eval.rewards}
+    self.prompts = heldout_prompt_list(config)
+    self.samples_per_prompt = config.eval.samples_per_prompt
+    self.diversity = bool(config.eval.diversity)
+    pipeline = trainer.pipeline
+    if self.diversity and pipeline.image_encoder is None:
+      logging.warning("eval.diversity is on but the pipeline %r has no CLIP image encoder "
+                      "(set pretrained.image_encoder); skipping diversity",
+                      config.pretrained.model)
+      self.diversity = False
+    if self.diversity:
+      self.jit_embed_images = jax.jit(
+          lambda params, images: image_encoder_lib.embed_images(pipeline, params, images))
+
+  def due(self, epoch):
+    return self.enabled and is_due(self.config, epoch)
+
+  def sample_heldout(self, state, frozen):
+    """The held-out samples of the current policy, with the fixed key `eval.seed`.
+
+    Returns:
+      (images (N, H, W, 3) host float32, prompts list of N, embeds (N, d) host or None), rows
+      ordered prompt-major: sample s of prompt p is row p S + s.
+    """
+    trainer, batch = self.trainer, self.config.sample.batch_size
+    prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
+    total = len(prompts)
+    padded = prompts + prompts[-1:] * (math.ceil(total / batch) * batch - total)
+    params = trainer.rollout_params(state, frozen)
+    key = jax.random.key(self.config.eval.seed)
+    images, embeds = [], []
+    for chunk, start in enumerate(range(0, len(padded), batch)):
+      trajectory = trainer.rollout_prompts(params, padded[start:start + batch],
+                                           jax.random.fold_in(key, chunk))
+      images.append(sharding_lib.to_host(trajectory.images))
+      if self.diversity:
+        embeds.append(sharding_lib.to_host(
+            self.jit_embed_images(frozen.image_encoder, trajectory.images)))
+    images = np.concatenate(images)[:total]
+    embeds = np.concatenate(embeds)[:total] if self.diversity else None
+    return images, prompts, embeds
+
+  def score(self, images, prompts):
+    """{reward name: (N,) float32 host scores} of every eval reward."""
+    return {name: np.asarray(fn(images, prompts), np.float32)
+            for name, fn in self.reward_fns.items()}
+
+  def evaluate(self, state, frozen, epoch, images, prompts, writer=None, workdir=None):
+    """Scores the epoch's samples and the held-out set; writes the table when given a workdir.
+
+    Args:
+      state: the `TrainState` after the epoch (its policy samples the held-out prompts).
+      frozen: the trainer's `FrozenParams`.
+      epoch: the epoch index (table file names, TensorBoard step).
+      images, prompts: the epoch's own samples (N_train, H, W, 3) host and their prompts.
+      writer: a `MetricWriter` for the markdown table and the grid (optional).
+      workdir: where `eval/epoch_EEEE.{csv,png}` go (optional; process 0 only).
+    Returns:
+      (metrics dict of Python floats, per-prompt rows: list of dicts).
+    """
+    tic = time.perf_counter()
+    metrics = {}
+    for name, scores in self.score(images, prompts).items():
+      metrics[f"eval/train_prompts/{name}/mean"] = float(np.mean(scores))
+      metrics[f"eval/train_prompts/{name}/std"] = float(np.std(scores))
+    heldout_images, heldout_prompts, embeds = self.sample_heldout(state, frozen)
+    heldout = self.score(heldout_images, heldout_prompts)
+    for name, scores in heldout.items():
+      metrics[f"eval/heldout/{name}/mean"] = float(np.mean(scores))
+      metrics[f"eval/heldout/{name}/std"] = float(np.std(scores))
+    shape = (len(self.prompts), self.samples_per_prompt)
+    diversity = None
+    if embeds is not None:
+      diversity = np.asarray(pairwise_cosine_diversity(embeds.reshape(shape + (-1,))))
+      metrics["eval/heldout/diversity"] = float(np.mean(diversity))
+    rows = []
+    for p, prompt in enumerate(self.prompts):
+      row = {"prompt": prompt}
+      row.update({name: float(np.mean(scores.reshape(shape)[p])) for name, scores in heldout.items()})
+      if diversity is not None:
+        row["diversity"] = float(diversity[p])
+      rows.append(row)
+    metrics["time/eval_s"] = time.perf_counter() - tic
+    if workdir is not None and jax.process_index() == 0:
+      write_table(workdir, epoch, rows, writer)
+      count = min(len(heldout_prompts), self.config.log.num_grid_images)
+      captions = [f"{p} | " + " ".join(f"{n} {heldout[n][i]:.3g}" for n in heldout)
+                  for i, p in enumerate(heldout_prompts[:count])]
+      path = images_lib.save_grid(os.path.join(workdir, "eval", f"epoch_{epoch:04d}.png"),
+                                  heldout_images[:count], captions,
+                                  columns=self.samples_per_prompt)
+      if writer is not None:
+        writer.write_image(epoch, "eval/heldout_samples", path)
+    return metrics, rows
+
+
+def markdown_table(rows):
+  """A markdown table of per-prompt rows (TensorBoard's text plugin renders markdown)."""
+  columns = list(rows[0])
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  for row in rows:
+    cells = [str(row[c]).replace("|", "/") if c == "prompt" else f"{row[c]:.4g}"
+             for c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_table(workdir, epoch, rows, writer=None):
+  """Writes `<workdir>/eval/epoch_EEEE.csv` and the markdown table to TensorBoard."""
+  directory = os.path.join(workdir, "eval")
+  os.makedirs(directory, exist_ok=True)
+  path = os.path.join(directory, f"epoch_{epoch:04d}.csv")
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    table = csv.DictWriter(f, fieldnames=list(rows[0]))
+    table.writeheader()
+    table.writerows(rows)
+  if writer is not None:
+    writer.write_text(epoch, "eval/heldout_table", markdown_table(rows))
+  return path

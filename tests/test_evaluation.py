@@ -1,0 +1,227 @@
+"""Cross-reward evaluation (tdpo_jax/evaluation.py) and its hook in `train.run`.
+
+- Diversity against the closed form, computed pair by pair in NumPy; identical images -> 0.
+- A bad eval config names the bad value (an unknown reward lists the registered ones).
+- A tiny 2-epoch run with two eval rewards logs every eval metric each epoch; the train-prompt
+  scores agree with the training reward's own computation on the same images; the per-prompt
+  table agrees with the scalars; `tdpo_jax.plot` draws the workdir.
+- The train-prompt scores equal the JPEG sizes PIL gives for the same images; the held-out
+  samples are identical across calls with the same state (fixed key) and across a 1- and a
+  2-device mesh.
+"""
+import csv
+import io
+import json
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from tdpo_jax import evaluation
+from tdpo_jax import plot
+from tdpo_jax import train
+from tests import helpers
+
+EVAL_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("models")
+
+
+def _fast_config(cache_dir, **overrides):
+  """tiny with one rollout batch and 4 DDIM steps per epoch (2 optimizer steps)."""
+  values = {"num_epochs": 2, "eval.every": 1, "eval.rewards": EVAL_REWARDS,
+            "sample.num_batches_per_epoch": 1, "sample.num_steps": 4,
+            "checkpoint.async_save": False}
+  values.update(overrides)
+  return helpers.tiny_config(cache_dir, **values)
+
+
+@pytest.fixture(scope="module")
+def run_dir(cache_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  history = train.run(_fast_config(cache_dir), workdir)
+  return workdir, history
+
+
+# --------------------------------------------------------------------------------- diversity
+def _diversity_reference(embeds):
+  """Mean over i < j of 1 - cos(e_i, e_j), one prompt at a time, in float64 NumPy."""
+  out = []
+  for group in np.asarray(embeds, np.float64):
+    distances = []
+    for i in range(len(group)):
+      for j in range(i + 1, len(group)):
+        cosine = group[i] @ group[j] / (np.linalg.norm(group[i]) * np.linalg.norm(group[j]))
+        distances.append(1.0 - cosine)
+    out.append(np.mean(distances))
+  return np.asarray(out)
+
+
+def test_diversity_matches_pairwise_cosine_distance():
+  embeds = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+  np.testing.assert_allclose(evaluation.pairwise_cosine_diversity(embeds),
+                             _diversity_reference(embeds), rtol=1e-5, atol=1e-6)
+
+
+def test_diversity_of_identical_and_opposite_samples():
+  vector = np.random.default_rng(1).normal(size=(1, 1, 8)).astype(np.float32)
+  identical = np.repeat(vector, 3, axis=1)
+  np.testing.assert_allclose(evaluation.pairwise_cosine_diversity(identical), [0.0], atol=1e-6)
+  opposite = np.concatenate([vector, -vector], axis=1)  # cos = -1 -> distance 2
+  np.testing.assert_allclose(evaluation.pairwise_cosine_diversity(opposite), [2.0], rtol=1e-6)
+  with pytest.raises(ValueError, match=">= 2 samples"):
+    evaluation.pairwise_cosine_diversity(vector)
+
+
+# ----------------------------------------------------------------------------- validation
+@pytest.mark.parametrize("overrides, message", [
+    ({"eval.rewards": ("jpeg_compressibility", "no_such_reward")},
+     r"unknown reward 'no_such_reward': expected one of \[.*'jpeg_compressibility'"),
+    ({"eval.samples_per_prompt": 1}, r"eval.samples_per_prompt=1 must be >= 2"),
+    ({"eval.num_prompts": 99}, r"eval.num_prompts=99 must be in \[0, 12\]"),
+    ({"eval.prompts": "no_such_set"}, r"unknown prompt set 'no_such_set'"),
+    ({"eval.every": -1}, r"eval.every=-1 must be >= 0"),
+    ({"eval.rewards": ()}, r"eval.rewards=\(\) must be a non-empty tuple"),
+])
+def test_bad_eval_config_is_named(tmp_path, overrides, message):
+  config = helpers.tiny_config(tmp_path, **overrides)
+  with pytest.raises(ValueError, match=message):
+    train.validate_config(config)
+
+
+def test_eval_off_skips_validation_of_the_rest(tmp_path):
+  config = helpers.tiny_config(tmp_path, **{"eval.every": 0, "eval.rewards": ("nope",)})
+  train.validate_config(config)  # nothing is evaluated, so nothing else is checked
+
+
+def test_eval_epochs():
+  config = helpers.tiny_config("", **{"num_epochs": 7, "eval.every": 3})
+  assert [e for e in range(7) if evaluation.is_due(config, e)] == [0, 3, 6]
+  config = helpers.tiny_config("", **{"num_epochs": 5, "eval.every": 3})
+  assert [e for e in range(5) if evaluation.is_due(config, e)] == [0, 3, 4]  # + the last
+
+
+# ------------------------------------------------------------------------------- tiny run
+def test_run_logs_every_eval_metric(run_dir):
+  workdir, history = run_dir
+  assert [int(m["epoch"]) for m in history] == [0, 1]
+  for metrics in history:
+    for name in EVAL_REWARDS:
+      for split in ("train_prompts", "heldout"):
+        for stat in ("mean", "std"):
+          assert np.isfinite(metrics[f"eval/{split}/{name}/{stat}"])
+    assert 0.0 <= metrics["eval/heldout/diversity"] <= 2.0
+    # The training reward is jpeg_compressibility (-kB), computed by run_epoch on the same
+    # images; incompressibility is +kB.
+    np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_compressibility/mean"],
+                               metrics["reward/mean"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_incompressibility/mean"],
+                               -metrics["reward/mean"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_compressibility/std"],
+                               metrics["reward/std"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["eval/heldout/jpeg_compressibility/mean"],
+                               -metrics["eval/heldout/jpeg_incompressibility/mean"], rtol=1e-6)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  assert len(logged) == 2  # one line per epoch, eval included
+  assert logged[1]["eval/heldout/diversity"] == history[1]["eval/heldout/diversity"]
+
+
+def test_run_writes_per_prompt_table(run_dir):
+  workdir, history = run_dir
+  config = _fast_config("")
+  prompts = evaluation.heldout_prompt_list(config)
+  for metrics in history:
+    epoch = int(metrics["epoch"])
+    with open(os.path.join(workdir, "eval", f"epoch_{epoch:04d}.csv"), newline="") as f:
+      rows = list(csv.DictReader(f))
+    assert [row["prompt"] for row in rows] == prompts
+    assert list(rows[0]) == ["prompt", *EVAL_REWARDS, "diversity"]
+    # Equal samples per prompt: the mean of the per-prompt means is the overall mean.
+    for name in EVAL_REWARDS:
+      np.testing.assert_allclose(np.mean([float(r[name]) for r in rows]),
+                                 metrics[f"eval/heldout/{name}/mean"], rtol=1e-5)
+    np.testing.assert_allclose(np.mean([float(r["diversity"]) for r in rows]),
+                               metrics["eval/heldout/diversity"], rtol=1e-5)
+    assert os.path.isfile(os.path.join(workdir, "eval", f"epoch_{epoch:04d}.png"))
+
+
+def test_plot_draws_the_run(run_dir, tmp_path):
+  workdir, _ = run_dir
+  paths = plot.main([workdir, "--out", str(tmp_path)])
+  names = sorted(os.path.basename(p) for p in paths)
+  assert names == sorted(["reward.png", "eval_jpeg_compressibility.png",
+                          "eval_jpeg_incompressibility.png", "diversity.png", "kl.png",
+                          "dormant.png"])
+  for path in paths:
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == (plot.FIGURE_SIZE[1] * plot.DPI, plot.FIGURE_SIZE[0] * plot.DPI, 3)
+    assert image.std() > 0 and len(np.unique(image.reshape(-1, 3), axis=0)) > 2
+
+
+# --------------------------------------------------------------------- evaluator directly
+def _pil_jpeg_kb(images):
+  sizes = []
+  for image in images:
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(np.round(image * 255), 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=95)
+    sizes.append(buffer.tell() / 1000.0)
+  return np.asarray(sizes)
+
+
+@pytest.fixture(scope="module")
+def trainer_and_evaluator(cache_dir):
+  trainer = train.Trainer(_fast_config(cache_dir))
+  return trainer, evaluation.Evaluator(trainer.config, trainer)
+
+
+def test_train_prompt_scores_are_the_jpeg_sizes(trainer_and_evaluator):
+  trainer, evaluator = trainer_and_evaluator
+  frozen, state = trainer.frozen_params(), trainer.init_state()
+  images = np.random.default_rng(2).uniform(size=(4, 64, 64, 3)).astype(np.float32)
+  images[:2] *= 0.1  # two darker, more compressible images: the scores must differ
+  metrics, rows = evaluator.evaluate(state, frozen, 0, images, ["cat"] * 4)
+  sizes = _pil_jpeg_kb(images)
+  np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_incompressibility/mean"],
+                             sizes.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_incompressibility/std"],
+                             sizes.std(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_compressibility/mean"],
+                             -sizes.mean(), rtol=1e-5)
+  assert len(rows) == trainer.config.eval.num_prompts
+
+
+def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_evaluator):
+  trainer, evaluator = trainer_and_evaluator
+  frozen, state = trainer.frozen_params(), trainer.init_state()
+  images_a, prompts_a, embeds_a = evaluator.sample_heldout(state, frozen)
+  images_b, prompts_b, embeds_b = evaluator.sample_heldout(state, frozen)
+  config = trainer.config
+  assert images_a.shape == (config.eval.num_prompts * config.eval.samples_per_prompt, 64, 64, 3)
+  assert prompts_a == prompts_b
+  np.testing.assert_array_equal(images_a, images_b)
+  np.testing.assert_array_equal(embeds_a, embeds_b)
+  # Samples of one prompt differ (their keys do), so diversity is not trivially 0.
+  assert np.abs(images_a[0] - images_a[1]).max() > 1e-3
+  # 3 prompts x 2 samples = 6 rows: two rollouts of 4, the second padded. Chunk 0 holds the
+  # same prompts with the same key as above, so its rows are the same images.
+  padded_config = _fast_config(cache_dir, **{"eval.num_prompts": 3})
+  images_p, prompts_p, _ = evaluation.Evaluator(padded_config, trainer).sample_heldout(
+      state, frozen)
+  assert images_p.shape[0] == 6 and prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
+  np.testing.assert_array_equal(images_p[:4], images_a)
+  # The same evaluation on a 2-device mesh: the rollout batch splits over both devices.
+  sharded = train.Trainer(_fast_config(cache_dir, num_devices=2))
+  assert sharded.mesh.devices.size == 2
+  sharded_eval = evaluation.Evaluator(sharded.config, sharded)
+  images_c, _, embeds_c = sharded_eval.sample_heldout(sharded.init_state(),
+                                                      sharded.frozen_params())
+  np.testing.assert_allclose(images_c, images_a, atol=1e-4)
+  np.testing.assert_allclose(embeds_c, embeds_a, rtol=1e-3, atol=1e-4)
+  assert jax.device_count() >= 2
