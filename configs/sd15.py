@@ -79,6 +79,14 @@ def get_config(arg=None):
   # 1/2 (log pi - log pi_ref)^2 from the return) or "gaussian" (closed form, in the loss).
   c.train.kl_mode = "none"
   c.train.kl_coef = 0.0
+  # Evaluate the k micro-batches of one optimizer step as ONE batch of k x M transitions: the
+  # same gradient (the mean of k equal-size micro-batch means is the mean over all k M), more
+  # activation memory, fewer and larger kernels. Dropout masks of the critic are drawn once per
+  # step instead of once per micro-batch (same distribution).
+  c.train.fuse_micro_batches = False
+  # jax.checkpoint (rematerialisation) of the UNet in the train step: recompute its activations
+  # in the backward pass instead of storing them (saves memory, costs ~1/3 more UNet FLOPs).
+  c.train.remat = True
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = True  # False = full fine-tuning of the UNet
@@ -93,6 +101,12 @@ def get_config(arg=None):
   # The official critic has no nonlinearity between layers; "relu"/"gelu"/"silu" are options.
   c.critic.activation = "identity"
   c.critic.init_std = 0.0  # 0 = 1/(d+1), d the embedding width (DESIGN §3)
+  # Images per VAE decode + image-encoder call when the critic embeds the epoch's N T states
+  # (one lax.map inside the prepare kernel); 0 = all N T in one call.
+  c.critic.embed_chunk_size = 256
+  # With train.timestep_fraction < 1: embed (and value) only the (sample, timestep) pairs the
+  # train phase uses; advantages are then standardised over those pairs only.
+  c.critic.embed_train_timesteps_only = False
 
   c.stats = ml_collections.ConfigDict()
   c.stats.buffer_size = 32
