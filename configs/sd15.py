@@ -95,6 +95,14 @@ def get_config(arg=None):
   # Regexes on "/"-joined UNet parameter paths of the Dense kernels to adapt.
   c.lora.targets = (r".*attn[12]/to_(q|k|v|out_0)/kernel$",)
 
+  # Compute dtypes ("float32" | "bfloat16"). policy: the UNet forward of the rollout and the
+  # train step, over float32 master weights (gradients and the optimizer stay float32). frozen:
+  # the text encoder, VAE, critic image encoder and the reference UNet of the KL return penalty.
+  # Outputs are cast back to float32 (DDIM step, log-probs and losses are float32 throughout).
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "float32"
+  c.precision.frozen = "float32"
+
   c.critic = ml_collections.ConfigDict()
   c.critic.hidden_sizes = (1024, 128, 64, 16)
   c.critic.dropout_rates = (0.2, 0.2, 0.1, 0.0)

@@ -96,6 +96,10 @@ def validate_config(config):
         f"train.gradient_accumulation_steps={config.train.gradient_accumulation_steps} does not "
         f"divide the {micro_batches} micro-batches per epoch (train timesteps x samples / "
         f"train.batch_size)")
+  for key in ("policy", "frozen"):
+    if config.precision[key] not in pipeline_lib.PRECISIONS:
+      raise ValueError(f"unknown precision.{key} {config.precision[key]!r}: expected one of "
+                       f"{sorted(pipeline_lib.PRECISIONS)}")
   if config.reset.period < 1:
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
 
@@ -136,8 +140,15 @@ class Trainer:
 
   # ---------------------------------------------------------------- setup
   def _build_kernels(self):
-    config, pipeline, mesh = self.config, self.pipeline, self.mesh
+    config, base_pipeline, mesh = self.config, self.pipeline, self.mesh
     rules = config.sharding.rules
+    # Compute dtypes (config.precision): the policy UNet's forward (rollout and train step) and
+    # the frozen models'; parameters stay float32 (master weights), outputs are cast to float32.
+    precision = config.precision
+    pipeline = pipeline_lib.with_precision(base_pipeline, unet=precision.policy,
+                                           frozen=precision.frozen)
+    self.frozen_pipeline = pipeline_lib.with_precision(base_pipeline, unet=precision.frozen,
+                                                       frozen=precision.frozen)
     replicated = sharding_lib.replicated(mesh)
     rows = sharding_lib.batch_sharding(mesh)  # leading dim over ("data", "fsdp")
     self.jit_encode_text = jax.jit(
@@ -163,10 +174,13 @@ class Trainer:
     self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p),
                              out_shardings=frozen_shardings.unet)
     if pipeline.image_encoder is not None:
+      frozen_pipeline = self.frozen_pipeline
+
       def embed_fn(vae_params, encoder_params, latents):
         return critic_lib.embed_noisy_latents(
-            lambda x: pipeline_lib.decode_latents(pipeline, vae_params, x),
-            lambda images: image_encoder_lib.embed_images(pipeline, encoder_params, images),
+            lambda x: pipeline_lib.decode_latents(frozen_pipeline, vae_params, x),
+            lambda images: image_encoder_lib.embed_images(frozen_pipeline, encoder_params,
+                                                          images),
             latents)
       self.embed_fn = embed_fn
       self.jit_embed_states = jax.jit(self._embed_states)
@@ -244,6 +258,59 @@ class Trainer:
     unet = sharding_lib.put_tree(self.pipeline.unet_params, self.frozen_shardings.unet)
     return self.jit_init_state(unet)
 
+  def abstract_epoch_inputs(self, state, frozen):
+    """Abstract (shape, dtype, sharding) inputs of one epoch's kernels; nothing is computed.
+
+    Returns:
+      dict with "rollout" (the args of one sample batch's `rollout_fn`), "prepare" (of
+      `prepare_fn`), "train_epoch" (of `train_epoch_fn`) and "probe" (the reset's probe).
+    """
+    config = self.config
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree)
+    batch, num_batches = config.sample.batch_size, config.sample.num_batches_per_epoch
+    ids = jax.ShapeDtypeStruct((batch, self.input_uncond.shape[1]), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    params = jax.eval_shape(
+        lambda unet, policy_params: rollout.RolloutParams(
+            unet=policy.unet_params(config.lora, unet, policy_params),
+            text_encoder=frozen.text_encoder, vae=frozen.vae), frozen.unet, state.policy_params)
+    uncond = jax.ShapeDtypeStruct(self.input_uncond.shape, jnp.int32)
+    one = jax.eval_shape(self.rollout_fn, params, ids, uncond, key)
+    trajectory = jax.eval_shape(lambda *t: jax.tree.map(lambda *x: jnp.concatenate(x), *t),
+                                *[one] * num_batches)
+    n = batch * num_batches
+    host = (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    state, frozen = abstract(state), abstract(frozen)
+    _, batches, probe, _ = jax.eval_shape(self.prepare_fn, state, frozen, trajectory, *host)
+    return {"rollout": (params, ids, uncond, key),
+            "prepare": (state, frozen, trajectory) + host,
+            "train_epoch": (state, frozen, batches, key),
+            "probe": probe}
+
+  def lower_kernels(self, state, frozen):
+    """AOT-lowers the jitted kernels of one epoch on abstract inputs of this config's shapes.
+
+    For cost accounting (benchmarks/epoch.py): `.compile()` each, time it, read
+    `cost_analysis()` / `memory_analysis()`. Nothing is executed.
+
+    Returns:
+      dict name -> `jax.stages.Lowered` for "rollout" (one sample batch), "prepare",
+      "train_epoch", and with a critic "dormant" and "reset".
+    """
+    inputs = self.abstract_epoch_inputs(state, frozen)
+    lowered = {"rollout": self.rollout_fn.lower(*inputs["rollout"]),
+               "prepare": self.jit_prepare.lower(*inputs["prepare"]),
+               "train_epoch": self.jit_train_epoch.lower(*inputs["train_epoch"])}
+    if self.use_critic:
+      state = inputs["prepare"][0]
+      lowered["dormant"] = self.jit_dormant.lower(state.critic_params, inputs["probe"])
+      lowered["reset"] = self.jit_reset.lower(state.critic_params, state.critic_opt_state,
+                                              inputs["probe"], state.reset_count)
+    return lowered
+
   # ---------------------------------------------------------------- phases
   def sample(self, state, frozen, epoch, progress=False):
     """Samples the epoch's N trajectories; returns (trajectory with leading dim N, prompt ids)."""
@@ -298,7 +365,7 @@ class Trainer:
     alphas = jnp.asarray(ddim.alphas_cumprod(self.pipeline.scheduler_config))
 
     def per_step(latents, next_latents, timesteps):
-      eps = rollout.guided_eps(self.pipeline, frozen.unet, latents, timesteps,
+      eps = rollout.guided_eps(self.frozen_pipeline, frozen.unet, latents, timesteps,
                                trajectory.prompt_embeds, frozen.uncond_embeds,
                                config.sample.guidance_scale)
       return ddim.log_prob(eps, timesteps, latents, next_latents, alphas, self.num_steps,
