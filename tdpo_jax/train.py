@@ -7,6 +7,10 @@ Per epoch (DESIGN §3):
   sample (rollout.py) -> reward (rewards/) -> per-prompt normalisation (stats.py)
   -> critic values V_old(x_t) of every visited state (critic.py) -> advantages (objectives.py)
   -> timestep-outer PPO updates (train_step.py) -> active-neuron reset (reset.py) -> log.
+Kernels: the rollout per sample batch; `prepare_fn` (normalisation .. transition gather) and
+`train_epoch_fn` (a scan over the S optimizer steps, state donated) as one jitted call each;
+the dormant fractions / reset; one metrics fetch. The only mid-epoch host sync is the images
+leaving the device for the reward.
 
 `config.algorithm` only switches flags of this one loop:
   ddpo   : no critic; every step gets the standardised normalised reward as advantage.

@@ -5,7 +5,7 @@
 - `Trainer.train_epoch_fn` (one scan over the S updates) == S calls of the jitted train step with
   rng fold_in(train_key, u).
 - `train.fuse_micro_batches` gives the same update as the micro-batch scan (dropout off: masks
-  depend on the split).
+  depend on the split), and so does `train.remat` (recomputation, same math).
 - `critic.embed_train_timesteps_only` embeds exactly the trained pairs, and standardises the
   advantages over them.
 """
@@ -70,22 +70,22 @@ def test_train_epoch_scan_equals_step_loop(epoch0):
   _close(scanned.policy_params, looped.policy_params)
   _close(scanned.critic_params, looped.critic_params)
   for name in ("policy/loss", "critic/value_loss", "policy/grad_norm"):
-    _close(metrics[name], [m[name] for m in looped_metrics])
+    _close(metrics[name], np.stack([m[name] for m in looped_metrics]))
 
 
-def test_fused_micro_batches_same_update(cache_dir):
+@pytest.mark.parametrize("switch", ["train.fuse_micro_batches", "train.remat"])
+def test_fused_micro_batches_and_remat_same_update(cache_dir, switch):
   updates = {}
-  for fuse in (False, True):
-    config = helpers.tiny_config(cache_dir, algorithm="tdpo")
+  for on in (False, True):
+    config = helpers.tiny_config(cache_dir, algorithm="tdpo", **{switch: on})
     config.critic.dropout_rates = NO_DROPOUT
-    config.train.fuse_micro_batches = fuse
     trainer = train.Trainer(config)
     frozen, state = trainer.frozen_params(), trainer.init_state()
     if not updates:
       trajectory, prompt_index = trainer.sample(state, frozen, 0)
       batch = jax.tree.map(lambda x: x[0], helpers.epoch_batches(trainer, state, frozen,
                                                                  trajectory, prompt_index))
-    updates[fuse] = jax.jit(trainer.train_step_fn)(state, frozen, batch, jax.random.key(0))
+    updates[on] = jax.jit(trainer.train_step_fn)(state, frozen, batch, jax.random.key(0))
   (scan_state, scan_metrics), (fused_state, fused_metrics) = updates[False], updates[True]
   # Adam's first step amplifies rounding of near-zero gradients (see test_train): the gradient
   # norm is compared tightly, parameters at 1% of lr.
