@@ -99,6 +99,14 @@ def get_config(arg=None):
   # 1/2 (log pi - log pi_ref)^2 from the return) or "gaussian" (closed form, in the loss).
   c.train.kl_mode = "none"
   c.train.kl_coef = 0.0
+  # Evaluate the k micro-batches of one optimizer step as ONE batch of k x M transitions: the
+  # same gradient (the mean of k equal-size micro-batch means is the mean over all k M), more
+  # activation memory, fewer and larger kernels. Dropout masks of the critic are drawn once per
+  # step instead of once per micro-batch (same distribution).
+  c.train.fuse_micro_batches = False
+  # jax.checkpoint (rematerialisation) of the UNet in the train step: recompute its activations
+  # in the backward pass instead of storing them (saves memory, costs ~1/3 more UNet FLOPs).
+  c.train.remat = True
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = True  # False = full fine-tuning of the UNet
@@ -107,12 +115,26 @@ def get_config(arg=None):
   # Regexes on "/"-joined UNet parameter paths of the Dense kernels to adapt.
   c.lora.targets = (r".*attn[12]/to_(q|k|v|out_0)/kernel$",)
 
+  # Compute dtypes ("float32" | "bfloat16"). policy: the UNet forward of the rollout and the
+  # train step, over float32 master weights (gradients and the optimizer stay float32). frozen:
+  # the text encoder, VAE, critic image encoder and the reference UNet of the KL return penalty.
+  # Outputs are cast back to float32 (DDIM step, log-probs and losses are float32 throughout).
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "float32"
+  c.precision.frozen = "float32"
+
   c.critic = ml_collections.ConfigDict()
   c.critic.hidden_sizes = (1024, 128, 64, 16)
   c.critic.dropout_rates = (0.2, 0.2, 0.1, 0.0)
   # The official critic has no nonlinearity between layers; "relu"/"gelu"/"silu" are options.
   c.critic.activation = "identity"
   c.critic.init_std = 0.0  # 0 = 1/(d+1), d the embedding width (DESIGN §3)
+  # Images per VAE decode + image-encoder call when the critic embeds the epoch's N T states
+  # (one lax.map inside the prepare kernel); 0 = all N T in one call.
+  c.critic.embed_chunk_size = 256
+  # With train.timestep_fraction < 1: embed (and value) only the (sample, timestep) pairs the
+  # train phase uses; advantages are then standardised over those pairs only.
+  c.critic.embed_train_timesteps_only = False
 
   c.stats = ml_collections.ConfigDict()
   c.stats.buffer_size = 32

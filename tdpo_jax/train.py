@@ -7,6 +7,10 @@ Per epoch (DESIGN §3):
   sample (rollout.py) -> reward (rewards/) -> per-prompt normalisation (stats.py)
   -> critic values V_old(x_t) of every visited state (critic.py) -> advantages (objectives.py)
   -> timestep-outer PPO updates (train_step.py) -> active-neuron reset (reset.py) -> log.
+Kernels: the rollout per sample batch; `prepare_fn` (normalisation .. transition gather) and
+`train_epoch_fn` (a scan over the S optimizer steps, state donated) as one jitted call each;
+the dormant fractions / reset; one metrics fetch. The only mid-epoch host sync is the images
+leaving the device for the reward.
 
 `config.algorithm` only switches flags of this one loop:
   ddpo   : no critic; every step gets the standardised normalised reward as advantage.
@@ -97,6 +101,10 @@ def validate_config(config):
         f"train.gradient_accumulation_steps={config.train.gradient_accumulation_steps} does not "
         f"divide the {micro_batches} micro-batches per epoch (train timesteps x samples / "
         f"train.batch_size)")
+  for key in ("policy", "frozen"):
+    if config.precision[key] not in pipeline_lib.PRECISIONS:
+      raise ValueError(f"unknown precision.{key} {config.precision[key]!r}: expected one of "
+                       f"{sorted(pipeline_lib.PRECISIONS)}")
   if config.reset.period < 1:
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
   evaluation.validate_config(config)
@@ -133,12 +141,21 @@ class Trainer:
     self.root_key = jax.random.key(config.seed)
     self.num_steps = config.sample.num_steps
     self.input_uncond = rollout.tokenize_prompts(self.pipeline, [""])[1]
+    # True: wait for each phase so `time/*_s` are run times (benchmarks); False: fully async.
+    self.sync_phases = False
     self._build_kernels()
 
   # ---------------------------------------------------------------- setup
   def _build_kernels(self):
-    config, pipeline, mesh = self.config, self.pipeline, self.mesh
+    config, base_pipeline, mesh = self.config, self.pipeline, self.mesh
     rules = config.sharding.rules
+    # Compute dtypes (config.precision): the policy UNet's forward (rollout and train step) and
+    # the frozen models'; parameters stay float32 (master weights), outputs are cast to float32.
+    precision = config.precision
+    pipeline = pipeline_lib.with_precision(base_pipeline, unet=precision.policy,
+                                           frozen=precision.frozen)
+    self.frozen_pipeline = pipeline_lib.with_precision(base_pipeline, unet=precision.frozen,
+                                                       frozen=precision.frozen)
     replicated = sharding_lib.replicated(mesh)
     rows = sharding_lib.batch_sharding(mesh)  # leading dim over ("data", "fsdp")
     self.jit_encode_text = jax.jit(
@@ -164,18 +181,23 @@ class Trainer:
     self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p),
                              out_shardings=frozen_shardings.unet)
     if pipeline.image_encoder is not None:
+      frozen_pipeline = self.frozen_pipeline
+
       def embed_fn(vae_params, encoder_params, latents):
         return critic_lib.embed_noisy_latents(
-            lambda x: pipeline_lib.decode_latents(pipeline, vae_params, x),
-            lambda images: image_encoder_lib.embed_images(pipeline, encoder_params, images),
+            lambda x: pipeline_lib.decode_latents(frozen_pipeline, vae_params, x),
+            lambda images: image_encoder_lib.embed_images(frozen_pipeline, encoder_params,
+                                                          images),
             latents)
-      self.jit_embed = jax.jit(embed_fn)
+      self.embed_fn = embed_fn
+      self.jit_embed_states = jax.jit(self._embed_states)
       probe_image = jnp.zeros((1, config.sample.height, config.sample.width, 3), jnp.float32)
       embed_dim = jax.eval_shape(
           lambda p, x: image_encoder_lib.embed_images(pipeline, p, x),
           pipeline.image_encoder_params, probe_image).shape[-1]
     else:
-      self.jit_embed, embed_dim = None, 1
+      self.embed_fn = self.jit_embed_states = None
+      embed_dim = 1
     self.embed_dim = int(embed_dim)
     self.critic = critic_lib.make_critic(config.critic, self.embed_dim)
     self.critic_init_std = self.critic.init_std
@@ -201,18 +223,30 @@ class Trainer:
                       replicated),
         out_shardings=(self.state_shardings, replicated),
         donate_argnums=(0,))
+    # The whole train phase: S optimizer steps in one scan, state donated (train_epoch_fn).
+    self.batches_sharding = sharding_lib.batch_sharding(mesh, axis=2)  # (S, k, M, ...) on M
+    self.jit_train_epoch = jax.jit(
+        self.train_epoch_fn,
+        in_shardings=(self.state_shardings, frozen_shardings, self.batches_sharding, replicated),
+        out_shardings=(self.state_shardings, replicated),
+        donate_argnums=(0,))
+    # Everything between the reward and the train phase (prepare_fn), one kernel.
+    self.jit_prepare = jax.jit(
+        self.prepare_fn,
+        out_shardings=(self.state_shardings.normaliser, self.batches_sharding, replicated,
+                       replicated))
+    self.jit_transitions = jax.jit(self._transitions)
     critic_tx = train_step_lib.make_optimizers(config.train)[1]
+    reset_root = jax.random.fold_in(self.root_key, STREAM_RESET)
+    # The reset key folds the state's reset counter in the kernel: no host sync to read it.
     self.jit_reset = jax.jit(
-        lambda params, opt_state, probe, rng: reset_lib.reset_critic(
-            self.critic, params, opt_state, probe, rng, tau=config.reset.tau,
-            target=config.reset.target, init_std=self.critic_init_std, optimizer=critic_tx))
+        lambda params, opt_state, probe, reset_count: reset_lib.reset_critic(
+            self.critic, params, opt_state, probe, jax.random.fold_in(reset_root, reset_count),
+            tau=config.reset.tau, target=config.reset.target, init_std=self.critic_init_std,
+            optimizer=critic_tx))
     self.jit_dormant = jax.jit(
         lambda params, probe: reset_lib.dormant_fractions(
             self.critic, params, probe, config.reset.tau))
-    if config.train.kl_mode == "return_penalty" and config.train.kl_coef > 0:
-      self.jit_ref_log_probs = jax.jit(self._ref_log_probs)
-    else:
-      self.jit_ref_log_probs = None
 
   def frozen_params(self):
     """The frozen models placed on the mesh by `config.sharding.rules` (`FrozenParams`)."""
@@ -230,6 +264,59 @@ class Trainer:
     pre-trained), critic at its init."""
     unet = sharding_lib.put_tree(self.pipeline.unet_params, self.frozen_shardings.unet)
     return self.jit_init_state(unet)
+
+  def abstract_epoch_inputs(self, state, frozen):
+    """Abstract (shape, dtype, sharding) inputs of one epoch's kernels; nothing is computed.
+
+    Returns:
+      dict with "rollout" (the args of one sample batch's `rollout_fn`), "prepare" (of
+      `prepare_fn`), "train_epoch" (of `train_epoch_fn`) and "probe" (the reset's probe).
+    """
+    config = self.config
+    abstract = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        tree)
+    batch, num_batches = config.sample.batch_size, config.sample.num_batches_per_epoch
+    ids = jax.ShapeDtypeStruct((batch, self.input_uncond.shape[1]), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    params = jax.eval_shape(
+        lambda unet, policy_params: rollout.RolloutParams(
+            unet=policy.unet_params(config.lora, unet, policy_params),
+            text_encoder=frozen.text_encoder, vae=frozen.vae), frozen.unet, state.policy_params)
+    uncond = jax.ShapeDtypeStruct(self.input_uncond.shape, jnp.int32)
+    one = jax.eval_shape(self.rollout_fn, params, ids, uncond, key)
+    trajectory = jax.eval_shape(lambda *t: jax.tree.map(lambda *x: jnp.concatenate(x), *t),
+                                *[one] * num_batches)
+    n = batch * num_batches
+    host = (jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.float32),
+            jax.ShapeDtypeStruct((), jnp.int32))
+    state, frozen = abstract(state), abstract(frozen)
+    _, batches, probe, _ = jax.eval_shape(self.prepare_fn, state, frozen, trajectory, *host)
+    return {"rollout": (params, ids, uncond, key),
+            "prepare": (state, frozen, trajectory) + host,
+            "train_epoch": (state, frozen, batches, key),
+            "probe": probe}
+
+  def lower_kernels(self, state, frozen):
+    """AOT-lowers the jitted kernels of one epoch on abstract inputs of this config's shapes.
+
+    For cost accounting (benchmarks/epoch.py): `.compile()` each, time it, read
+    `cost_analysis()` / `memory_analysis()`. Nothing is executed.
+
+    Returns:
+      dict name -> `jax.stages.Lowered` for "rollout" (one sample batch), "prepare",
+      "train_epoch", and with a critic "dormant" and "reset".
+    """
+    inputs = self.abstract_epoch_inputs(state, frozen)
+    lowered = {"rollout": self.rollout_fn.lower(*inputs["rollout"]),
+               "prepare": self.jit_prepare.lower(*inputs["prepare"]),
+               "train_epoch": self.jit_train_epoch.lower(*inputs["train_epoch"])}
+    if self.use_critic:
+      state = inputs["prepare"][0]
+      lowered["dormant"] = self.jit_dormant.lower(state.critic_params, inputs["probe"])
+      lowered["reset"] = self.jit_reset.lower(state.critic_params, state.critic_opt_state,
+                                              inputs["probe"], state.reset_count)
+    return lowered
 
   # ---------------------------------------------------------------- phases
   def sample(self, state, frozen, epoch, progress=False):
@@ -266,15 +353,25 @@ class Trainer:
     uncond_ids, rng = sharding_lib.replicate_host((uncond_ids, rng), self.mesh)
     return self.rollout_fn(params, input_ids, uncond_ids, rng)
 
+  def _embed(self, frozen, latents):
+    """Frozen critic embeddings of a flat batch of latents (B, C, h, w) -> (B, d), pure.
+
+    One VAE decode + image-encoder call per `critic.embed_chunk_size` latents (lax.map; 0 = the
+    whole batch in one call, fastest where it fits in memory).
+    """
+    chunk = int(self.config.critic.embed_chunk_size)
+    embed = lambda x: self.embed_fn(frozen.vae, frozen.image_encoder, x)
+    if chunk <= 0 or chunk >= latents.shape[0]:
+      return embed(latents)
+    return jax.lax.map(lambda x: embed(x[None])[0], latents, batch_size=chunk)
+
   def embed_states(self, frozen, trajectory):
-    """Frozen critic embeddings of x_T ... x_1 for every sample: (N, T, d)."""
-    latents = trajectory.latents[:, :self.num_steps]
+    """Frozen critic embeddings of x_T ... x_1 for every sample: (N, T, d), one jitted call."""
+    return self.jit_embed_states(frozen, trajectory.latents[:, :self.num_steps])
+
+  def _embed_states(self, frozen, latents):
     n, t = latents.shape[:2]
-    batch = self.config.sample.batch_size
-    chunks = [self.jit_embed(frozen.vae, frozen.image_encoder,
-                             latents[i:i + batch].reshape((-1,) + latents.shape[2:]))
-              for i in range(0, n, batch)]
-    return jnp.concatenate(chunks).reshape(n, t, -1)
+    return self._embed(frozen, latents.reshape((n * t,) + latents.shape[2:])).reshape(n, t, -1)
 
   def _ref_log_probs(self, frozen, trajectory):
     """log pi_ref of every sampled transition under the frozen pre-trained UNet: (N, T)."""
@@ -282,7 +379,7 @@ class Trainer:
     alphas = jnp.asarray(ddim.alphas_cumprod(self.pipeline.scheduler_config))
 
     def per_step(latents, next_latents, timesteps):
-      eps = rollout.guided_eps(self.pipeline, frozen.unet, latents, timesteps,
+      eps = rollout.guided_eps(self.frozen_pipeline, frozen.unet, latents, timesteps,
                                trajectory.prompt_embeds, frozen.uncond_embeds,
                                config.sample.guidance_scale)
       return ddim.log_prob(eps, timesteps, latents, next_latents, alphas, self.num_steps,
@@ -291,30 +388,40 @@ class Trainer:
     return jax.vmap(per_step, in_axes=(1, 1, 1), out_axes=1)(
         trajectory.latents[:, :-1], trajectory.latents[:, 1:], trajectory.timesteps)
 
+  def train_indices(self, num_samples, epoch):
+    """The (sample, timestep) pairs the train phase visits, pass-major: two (t_train, N) int32.
+
+    Each sample's timestep order is shuffled independently, and samples are shuffled; pass j
+    trains every sample at its j-th shuffled timestep. Keys fold (STREAM_TRAIN, epoch, 0 | 1);
+    `epoch` may be traced.
+    """
+    key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch)
+    sample_perm = jax.random.permutation(jax.random.fold_in(key, 0), num_samples)
+    step_perm = jax.vmap(lambda k: jax.random.permutation(k, self.num_steps))(
+        jax.random.split(jax.random.fold_in(key, 1), num_samples))
+    t_train = num_train_timesteps(self.config)
+    sample_index = jnp.broadcast_to(sample_perm[None], (t_train, num_samples))  # pass j, slot i
+    step_index = step_perm[sample_perm][:, :t_train].T                          # (t_train, N)
+    return sample_index, step_index
+
+  def _to_updates(self, x):
+    """(t_train, N, ...) pass-major pairs -> (S, k, M, ...) optimizer-step batches."""
+    micro, accum = self.config.train.batch_size, self.config.train.gradient_accumulation_steps
+    return x.reshape((-1, accum, micro) + x.shape[2:])
+
   def transitions(self, trajectory, embeds, advantages, returns, values, epoch):
     """Gathers the epoch's training transitions, timestep-outer, into optimizer-step batches.
 
-    Each sample's timestep order is shuffled independently, and samples are shuffled; pass j
-    trains every sample at its j-th shuffled timestep, in micro-batches of M.
-
+    Args:
+      embeds, advantages, returns, values: per (sample, timestep): (N, T, d) and (N, T).
     Returns:
       a `TransitionBatch` with leading dims (S, k, M): S optimizer steps of k micro-batches.
     """
-    config = self.config
-    n = trajectory.latents.shape[0]
-    t_train = num_train_timesteps(config)
-    micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
-    key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch)
-    sample_perm = jax.random.permutation(jax.random.fold_in(key, 0), n)
-    step_perm = jax.vmap(lambda k: jax.random.permutation(k, self.num_steps))(
-        jax.random.split(jax.random.fold_in(key, 1), n))
-    sample_index = jnp.broadcast_to(sample_perm[None], (t_train, n))   # pass j, slot i
-    step_index = step_perm[sample_perm][:, :t_train].T                  # (t_train, n)
-    shape = (-1, accum, micro)
-    # Host indices: process-local arrays cannot index arrays that span processes.
-    sample_index = np.asarray(sample_index).reshape(shape)
-    step_index = np.asarray(step_index).reshape(shape)
-    take = lambda x: x[sample_index, step_index]
+    return self.jit_transitions(trajectory, embeds, advantages, returns, values, epoch)
+
+  def _transitions(self, trajectory, embeds, advantages, returns, values, epoch):
+    sample_index, step_index = self.train_indices(trajectory.latents.shape[0], epoch)
+    take = lambda x: self._to_updates(x[sample_index, step_index])
     return train_step_lib.TransitionBatch(
         latents=take(trajectory.latents[:, :-1]),
         next_latents=take(trajectory.latents[:, 1:]),
@@ -324,11 +431,102 @@ class Trainer:
         returns=take(returns),
         old_values=take(values),
         embeds=take(embeds),
-        prompt_embeds=trajectory.prompt_embeds[sample_index])
+        prompt_embeds=self._to_updates(trajectory.prompt_embeds[sample_index]))
+
+  def prepare_fn(self, state, frozen, trajectory, prompt_index, reward, epoch):
+    """Everything between the reward and the train phase, pure (one jitted kernel).
+
+    Per-prompt normalisation (stats.py), returns (with the optional KL return penalty), the
+    critic's frozen embeddings and values V_old(x_t) of the visited states, the advantages
+    A = standardise(G - V) (objectives.py) and the gather of the training transitions.
+
+    With `critic.embed_train_timesteps_only` (and train.timestep_fraction < 1) only the
+    (sample, timestep) pairs the train phase uses are embedded, and the advantages are
+    standardised over those pairs (the official code standardises over all N T pairs).
+
+    Args:
+      state: `TrainState` (normaliser and critic params are read).
+      trajectory: the epoch's `Trajectory`, leading dim N.
+      prompt_index: (N,) int32; reward: (N,) float32; epoch: int32 scalar.
+    Returns:
+      (normaliser, `TransitionBatch` (S, k, M, ...), probe embeddings (P, d) for the reset,
+      metrics dict of scalars).
+    """
+    config = self.config
+    normaliser, normalised = stats.normalise(
+        state.normaliser, prompt_index, reward, min_count=config.stats.min_count,
+        eps=config.stats.eps)
+    returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
+    metrics = {}
+    if config.train.kl_mode == "return_penalty" and config.train.kl_coef > 0:
+      penalty = objectives.return_kl_penalty(trajectory.log_probs,
+                                             self._ref_log_probs(frozen, trajectory))
+      returns = objectives.returns_from_rewards(normalised, self.num_steps, penalty,
+                                                config.train.kl_coef)
+      metrics["policy/kl_penalty"] = jnp.mean(penalty)
+    n = trajectory.latents.shape[0]
+    sample_index, step_index = self.train_indices(n, epoch)
+    pairs = lambda x: x[sample_index, step_index]  # (N, T, ...) -> (t_train, N, ...)
+    train_only = (config.critic.embed_train_timesteps_only
+                  and num_train_timesteps(config) < self.num_steps)
+    probe = jnp.zeros((1, self.embed_dim), jnp.float32)
+    if self.use_critic:
+      if train_only:
+        embeds = self._embed(frozen, pairs(trajectory.latents[:, :-1]).reshape(
+            (-1,) + trajectory.latents.shape[2:]))
+        returns_used = pairs(returns)
+      else:
+        embeds = self._embed_states(frozen, trajectory.latents[:, :self.num_steps])
+        returns_used = returns
+      values = self.critic.apply({"params": state.critic_params},
+                                 embeds.reshape(-1, self.embed_dim), deterministic=True)
+      values = values.reshape(returns_used.shape)
+      embeds = embeds.reshape(returns_used.shape + (self.embed_dim,))
+      metrics["critic/explained_variance"] = objectives.explained_variance(values, returns_used)
+      metrics["critic/value_mean"] = jnp.mean(values)
+      advantages = objectives.advantages(returns_used, values, config.train.adv_eps)
+      probe = self._probe(embeds, epoch)
+      if not train_only:
+        embeds, values, advantages = pairs(embeds), pairs(values), pairs(advantages)
+    else:
+      advantages = pairs(objectives.advantages(returns, None, config.train.adv_eps))
+      values = jnp.zeros(advantages.shape, jnp.float32)
+      embeds = jnp.zeros(advantages.shape + (self.embed_dim,), jnp.float32)
+    take = lambda x: self._to_updates(pairs(x))
+    batches = train_step_lib.TransitionBatch(
+        latents=take(trajectory.latents[:, :-1]),
+        next_latents=take(trajectory.latents[:, 1:]),
+        timesteps=take(trajectory.timesteps),
+        old_log_probs=take(trajectory.log_probs),
+        advantages=self._to_updates(advantages),
+        returns=take(returns),
+        old_values=self._to_updates(values),
+        embeds=self._to_updates(embeds),
+        prompt_embeds=self._to_updates(trajectory.prompt_embeds[sample_index]))
+    return normaliser, batches, probe, metrics
+
+  def train_epoch_fn(self, state, frozen, batches, train_key):
+    """The whole train phase, pure: `lax.scan` of the train step over the S updates.
+
+    Update u uses rng fold_in(train_key, u). Returns (state, metrics with leading dim S).
+    """
+    def update(state, inputs):
+      index, batch = inputs
+      return self.train_step_fn(state, frozen, batch, jax.random.fold_in(train_key, index))
+
+    num_updates = batches.latents.shape[0]
+    return jax.lax.scan(update, state, (jnp.arange(num_updates), batches))
 
   def run_epoch(self, state, frozen, progress=False):
-    """One epoch. Returns (new state, metrics dict of Python floats, host images, prompts, rewards)."""
+    """One epoch. Returns (new state, metrics dict of Python floats, host images, prompts, rewards).
+
+    Kernels: the rollout (per sample batch), the reward (host or jitted), `prepare_fn`,
+    `train_epoch_fn`, then the dormant fractions / reset. The only host syncs are the images
+    for the reward and one metrics fetch at the end, unless `self.sync_phases` is set (then each
+    phase is waited for, so that its `time/*_s` is its run time, not its dispatch time).
+    """
     config = self.config
+    sync = self.sync_phases
     epoch = int(state.epoch)
     times = {}
     tic = time.perf_counter()
@@ -350,71 +548,48 @@ class Trainer:
           f"samples (first prompt: {prompts[bad[0]]!r}); stopping, earlier outputs kept")
 
     tic = time.perf_counter()
-    normaliser, normalised = self.jit_normalise(state.normaliser, prompt_index, reward)
-    returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
-    metrics = {}
-    if self.jit_ref_log_probs is not None:
-      ref_log_probs = self.jit_ref_log_probs(frozen, trajectory)
-      penalty = objectives.return_kl_penalty(trajectory.log_probs, ref_log_probs)
-      returns = objectives.returns_from_rewards(
-          normalised, self.num_steps, penalty, config.train.kl_coef)
-      metrics["policy/kl_penalty"] = jnp.mean(penalty)
-    times["normalise"] = time.perf_counter() - tic
+    host_inputs = sharding_lib.replicate_host(
+        (np.asarray(prompt_index, np.int32), reward, np.int32(epoch)), self.mesh)
+    normaliser, batches, probe, metrics = self.jit_prepare(state, frozen, trajectory,
+                                                           *host_inputs)
+    del trajectory  # the batches hold what training needs
+    if sync:
+      jax.block_until_ready(batches)
+    times["prepare"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    num_updates = batches.latents.shape[0]
+    train_key = sharding_lib.replicate_host(jax.random.fold_in(
+        jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch), 2), self.mesh)
+    state, step_metrics = self.jit_train_epoch(state.replace(normaliser=normaliser), frozen,
+                                               batches, train_key)
+    del batches
+    if sync:
+      jax.block_until_ready(state)
+    times["train"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
     if self.use_critic:
-      embeds = self.embed_states(frozen, trajectory)
-      values = self.jit_values(state.critic_params, embeds.reshape(-1, self.embed_dim)).reshape(
-          returns.shape)
-      metrics["critic/explained_variance"] = objectives.explained_variance(values, returns)
-      metrics["critic/value_mean"] = jnp.mean(values)
-    else:
-      embeds = jnp.zeros(returns.shape + (self.embed_dim,), jnp.float32)
-      values = None
-    advantages = objectives.advantages(returns, values, config.train.adv_eps)
-    values = jnp.zeros_like(returns) if values is None else values
-    jax.block_until_ready(advantages)
-    times["critic"] = time.perf_counter() - tic
+      metrics.update(self.jit_dormant(state.critic_params, probe))
+      if self.use_reset and (epoch + 1) % config.reset.period == 0:
+        critic_params, critic_opt_state, reset_stats = self.jit_reset(
+            state.critic_params, state.critic_opt_state, probe, state.reset_count)
+        state = state.replace(critic_params=critic_params, critic_opt_state=critic_opt_state,
+                              reset_count=state.reset_count + 1)
+        metrics.update(reset_stats)
+    state = state.replace(epoch=state.epoch + 1)
+    if sync:
+      jax.block_until_ready(state)
+    times["reset"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    # The train step's in_shardings: state by the rules, transitions split on M.
-    state = jax.device_put(state.replace(normaliser=normaliser), self.state_shardings)
-    batches = self.transitions(trajectory, embeds, advantages, returns, values, epoch)
-    batches = jax.device_put(batches, sharding_lib.batch_sharding(self.mesh, axis=2))
-    num_updates = batches.latents.shape[0]
-    train_key = jax.random.fold_in(
-        jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_TRAIN), epoch), 2)
-    step_metrics = []
-    for update in tqdm.trange(num_updates, desc=f"epoch {epoch} train", disable=not progress,
-                              leave=False):
-      batch = jax.device_put(jax.tree.map(lambda x, u=update: x[u], batches),
-                             self.transition_sharding)
-      rng = sharding_lib.replicate_host(jax.random.fold_in(train_key, update), self.mesh)
-      state, step_out = self.jit_train_step(state, frozen, batch, rng)
-      step_metrics.append(step_out)
-    step_metrics = jax.device_get(step_metrics)  # one transfer per epoch
-    times["train"] = time.perf_counter() - tic
-    metrics.update({k: np.mean([m[k] for m in step_metrics]) for k in step_metrics[0]})
+    step_metrics, metrics, step = jax.device_get((step_metrics, metrics, state.step))  # once
+    times["fetch"] = time.perf_counter() - tic
+    metrics.update({k: np.mean(v) for k, v in step_metrics.items()})
     for key in ("policy/loss", "critic/value_loss"):
       if key in metrics and not np.isfinite(metrics[key]):
         raise NonFiniteError(f"epoch {epoch}: {key} is {metrics[key]}; stopping, earlier "
                              "outputs kept")
-
-    tic = time.perf_counter()
-    if self.use_critic:
-      probe = self._probe(embeds, epoch)
-      metrics.update(self.jit_dormant(state.critic_params, probe))
-      if self.use_reset and (epoch + 1) % config.reset.period == 0:
-        reset_key = sharding_lib.replicate_host(jax.random.fold_in(
-            jax.random.fold_in(self.root_key, STREAM_RESET), int(state.reset_count)), self.mesh)
-        critic_params, critic_opt_state, reset_stats = self.jit_reset(
-            state.critic_params, state.critic_opt_state, probe, reset_key)
-        state = state.replace(critic_params=critic_params, critic_opt_state=critic_opt_state,
-                              reset_count=state.reset_count + 1)
-        metrics.update(reset_stats)
-    times["reset"] = time.perf_counter() - tic
-
-    state = state.replace(epoch=state.epoch + 1)
     metrics.update({
         "epoch": epoch,
         "reward/mean": float(reward.mean()),
@@ -422,18 +597,18 @@ class Trainer:
         "reward/min": float(reward.min()),
         "reward/max": float(reward.max()),
         "train/num_updates": num_updates,
-        "train/optimizer_steps_total": int(state.step),
+        "train/optimizer_steps_total": int(step),
     })
     metrics.update({f"time/{k}_s": v for k, v in times.items()})
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
     return state, metrics, images, prompts, reward
 
   def _probe(self, embeds, epoch):
-    """`reset.probe_size` embeddings of this epoch's states at random (sample, timestep)."""
+    """`reset.probe_size` embeddings of this epoch's states at random (sample, timestep); pure."""
     flat = embeds.reshape(-1, self.embed_dim)
     key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_PROBE), epoch)
     size = min(self.config.reset.probe_size, flat.shape[0])
-    return flat[np.asarray(jax.random.choice(key, flat.shape[0], (size,), replace=False))]
+    return flat[jax.random.choice(key, flat.shape[0], (size,), replace=False)]
 
 
 def make_init_state_fn(config, critic, embed_dim, num_prompts, root_key):

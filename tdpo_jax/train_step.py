@@ -13,7 +13,8 @@ For every transition (x_t, x_{t-1}, c) sampled by the rollout the step
    value loss (`objectives.clipped_value_loss`),
 
 accumulates the gradients of the k micro-batches with `lax.scan` (mean over micro-batches, so
-k micro-batches equal one batch of k M transitions), then applies one AdamW step with global-norm
+k micro-batches equal one batch of k M transitions; `train.fuse_micro_batches` evaluates them as
+that one batch instead, trading memory for speed), then applies one AdamW step with global-norm
 clipping to each model (two optimizers). With `use_critic=False` (DDPO) the critic is untouched.
 """
 import flax.struct
@@ -120,6 +121,12 @@ def make_train_step(pipeline, critic, config, *, use_critic):
     return rollout.guided_eps(pipeline, unet_params, latents, timesteps, prompt_embeds,
                               uncond_embeds, guidance_scale)
 
+  if train_config.get("remat", False):
+    # Keep only the UNet's inputs for the backward pass and recompute its activations there;
+    # dots without batch dims (weights x activations) are saved (cheap to keep, costly to redo).
+    eps_fn = jax.checkpoint(eps_fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  fuse = bool(train_config.get("fuse_micro_batches", False))
+
   def loss_fn(params, frozen, micro, rng):
     policy_params, critic_params = params
     unet_params = policy.unet_params(config.lora, frozen.unet, policy_params)
@@ -162,6 +169,8 @@ def make_train_step(pipeline, critic, config, *, use_critic):
       norms, as scalars.
     """
     params = (state.policy_params, state.critic_params)
+    if fuse:  # (k, M, ...) -> (1, k M, ...): one gradient of the mean over all k M transitions
+      batch = jax.tree.map(lambda x: x.reshape((1, -1) + x.shape[2:]), batch)
     num_micro = batch.latents.shape[0]
 
     def accumulate(grads_sum, inputs):

@@ -124,4 +124,4 @@ def embed_images(pipeline, image_encoder_params, images):
                      "from an image_encoder/ folder or the image_encoder argument")
   pixel_values = preprocess_images(images, encoder.resize_size, encoder.image_mean,
                                    encoder.image_std, crop_size=encoder.crop_size)
-  return encoder.apply({"params": image_encoder_params}, pixel_values)
+  return encoder.apply({"params": image_encoder_params}, pixel_values).astype(jnp.float32)

@@ -351,6 +351,42 @@ def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
 # Pure helpers (jittable).
 
 
+PRECISIONS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name):
+  """The jnp dtype of a `config.precision` value; a clear error for anything else."""
+  if name not in PRECISIONS:
+    raise ValueError(f"precision {name!r}: expected one of {sorted(PRECISIONS)}")
+  return PRECISIONS[name]
+
+
+def with_precision(pipeline, *, unet="float32", frozen="float32"):
+  """The pipeline with its modules computing in the given dtypes; parameters are untouched.
+
+  Flax modules cast their (float32) parameters and inputs to the module's `dtype` per op, so a
+  bfloat16 module over float32 parameters is bf16 compute with fp32 master weights: gradients
+  still reach the float32 parameters. The outputs of `encode_text`, `unet_eps`,
+  `decode_latents` and `image_encoder.embed_images` are cast back to float32, so everything
+  around the networks (DDIM step, log-probabilities, losses) stays float32.
+
+  Args:
+    unet: compute dtype name of the UNet ("float32" or "bfloat16").
+    frozen: compute dtype name of the text encoder, VAE and image encoder.
+  """
+  unet_dtype, frozen_dtype = compute_dtype(unet), compute_dtype(frozen)
+  if unet_dtype == jnp.float32 and frozen_dtype == jnp.float32:
+    return pipeline
+  image_encoder = pipeline.image_encoder
+  if image_encoder is not None:
+    image_encoder = image_encoder.clone(dtype=frozen_dtype)
+  return dataclasses.replace(
+      pipeline, unet=pipeline.unet.clone(dtype=unet_dtype),
+      vae=pipeline.vae.clone(dtype=frozen_dtype),
+      text_encoder=pipeline.text_encoder.clone(dtype=frozen_dtype),
+      image_encoder=image_encoder)
+
+
 def tokenize(tokenizer, prompts):
   """Token ids, padded to max_length (77) and truncated.
 
@@ -380,7 +416,7 @@ def encode_text(pipeline, text_params, input_ids):
   outputs = pipeline.text_encoder.apply(
       {"params": text_params}, input_ids, jnp.ones_like(input_ids), position_ids,
       deterministic=True)
-  return outputs.last_hidden_state
+  return outputs.last_hidden_state.astype(jnp.float32)
 
 
 def unet_eps(pipeline, unet_params, latents, timesteps, context):
@@ -398,7 +434,7 @@ def unet_eps(pipeline, unet_params, latents, timesteps, context):
   """
   timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
   return pipeline.unet.apply({"params": unet_params}, latents, timesteps, context,
-                             train=False).sample
+                             train=False).sample.astype(latents.dtype)
 
 
 def decode_latents(pipeline, vae_params, latents):
@@ -414,4 +450,4 @@ def decode_latents(pipeline, vae_params, latents):
   latents = jnp.transpose(latents / pipeline.vae_scaling_factor, (0, 2, 3, 1))  # NCHW -> NHWC
   images = pipeline.vae.apply({"params": vae_params}, latents, method=pipeline.vae.decode).sample
   images = jnp.transpose(images, (0, 2, 3, 1))  # the Flax VAE returns NCHW
-  return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+  return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

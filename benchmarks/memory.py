@@ -1,0 +1,200 @@
+"""Per-device memory of the SD 1.5 train step and rollout, compiled AOT on abstract shapes.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python benchmarks/memory.py --config=configs/sd15.py --mesh=data=1,fsdp=8 [--full]
+
+No weights are loaded: the modules are built from the SD 1.5 (UNet, VAE, CLIP-L text encoder)
+and CLIP-L/14 (critic image encoder) architectures below, parameters are `jax.eval_shape`
+structures sharded by `config.sharding.rules`, and the kernels are lowered and compiled for the
+mesh (on CPU, fake devices). Prints `compiled.memory_analysis()` per device: arguments, outputs,
+temporaries, generated code, and whether their sum fits in `--budget_gib`.
+
+`--config=configs/tiny.py` uses the tiny architecture of the config instead (fast; for tests).
+The train step is compiled for ONE optimizer step (k micro-batches of `train.batch_size`), the
+rollout for one batch of `--rollout_batch` prompts (default: the batch devices, 1 per device).
+"""
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+_MESH = flags.DEFINE_string("mesh", "data=1,fsdp=8", "Mesh axes sizes, e.g. data=1,fsdp=8.")
+_FULL = flags.DEFINE_bool("full", False, "Full fine-tuning instead of LoRA.")
+_MICRO = flags.DEFINE_integer("micro_batch_per_device", 1, "Train micro-batch per batch device.")
+_ACCUM = flags.DEFINE_integer("accumulation", 1, "Micro-batches per optimizer step (k).")
+_ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Prompts per rollout (0 = 1/device).")
+_BUDGET = flags.DEFINE_float("budget_gib", 16.0, "Per-device memory budget to check against.")
+_SKIP_ROLLOUT = flags.DEFINE_bool("skip_rollout", False, "Compile only the train step.")
+flags.mark_flags_as_required(["config"])
+# This checkout's package first, not an installed copy.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Architectures of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json) and
+# the critic's openai/clip-vit-large-patch14 vision tower.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768, attention_head_dim=8)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+SD15_TEXT = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    layer_norm_eps=1e-5)
+CLIP_L14_VISION = dict(
+    image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+    num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    timestep_spacing="leading")
+
+
+def abstract_pipeline(spec):
+  """A `Pipeline` whose params are ShapeDtypeStructs (no weights), from architecture dicts."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  rng = jax.random.key(0)
+  unet = diffusers.FlaxUNet2DConditionModel.from_config(dict(spec["unet"]))
+  vae_config = dict(spec["vae"])
+  scaling = vae_config.pop("scaling_factor", 0.18215)
+  vae = diffusers.FlaxAutoencoderKL.from_config(vae_config)
+  text = pipeline_lib.text_encoder_module(transformers.CLIPTextConfig(**spec["text_encoder"]))
+  vision = transformers.CLIPVisionConfig(**spec["image_encoder"])
+  encoder = image_encoder_lib.ImageEncoder(config=vision, resize_size=vision.image_size,
+                                           crop_size=vision.image_size)
+  return pipeline_lib.Pipeline(
+      unet=unet, unet_params=jax.eval_shape(unet.init_weights, rng),
+      vae=vae, vae_params=jax.eval_shape(vae.init_weights, rng),
+      text_encoder=text,
+      text_encoder_params=jax.eval_shape(pipeline_lib.text_encoder_init_fn(text), rng),
+      tokenizer=None, scheduler_config=dict(spec["scheduler"]), image_encoder=encoder,
+      image_encoder_params=jax.eval_shape(encoder.init_weights, rng),
+      vae_scaling_factor=scaling)
+
+
+def _report(name, compiled, budget_gib, seconds):
+  stats = compiled.memory_analysis()
+  gib = 2.0**30
+  if stats is None:
+    print(f"{name}: compiled in {seconds:.1f} s; no memory analysis on this backend")
+    return
+  parts = {
+      "arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+      "aliased (donated)": -stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes,
+      "generated code": stats.generated_code_size_in_bytes}
+  total = sum(parts.values())
+  print(f"{name}: compiled in {seconds:.1f} s; per device: " + ", ".join(
+      f"{k} {v / gib:.2f}" for k, v in parts.items()) + f" GiB; total {total / gib:.2f} GiB -> "
+        f"{'fits' if total <= budget_gib * gib else 'does NOT fit'} in {budget_gib:g} GiB")
+
+
+def main(argv):
+  del argv
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import critic as critic_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import rollout  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import train  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  diffusers.utils.logging.set_verbosity_error()
+  config = _CONFIG.value.copy_and_resolve_references()
+  if config.pretrained.get("tiny"):
+    spec = config.pretrained.tiny
+  else:
+    spec = dict(unet=SD15_UNET, vae=SD15_VAE, text_encoder=SD15_TEXT,
+                image_encoder=CLIP_L14_VISION, scheduler=SD15_SCHEDULER)
+  axes = []
+  for item in _MESH.value.split(","):
+    name, _, size = item.partition("=")
+    if name not in ("data", "fsdp") or not size.lstrip("-").isdigit():
+      raise SystemExit(f"error: bad --mesh item {item!r}; expected data=N,fsdp=M")
+    axes.append((name, int(size)))
+  config.mesh = tuple(axes)
+  config.num_devices = -1
+  config.lora.enabled = not _FULL.value
+  mesh = sharding_lib.make_mesh(config.mesh, config.num_devices)
+  batch_devices = sharding_lib.num_batch_devices(mesh)
+  config.train.batch_size = _MICRO.value * batch_devices
+  config.train.gradient_accumulation_steps = _ACCUM.value
+  print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} devices; "
+        f"{'full fine-tuning' if _FULL.value else f'LoRA rank {config.lora.rank}'}; "
+        f"micro-batch {config.train.batch_size} x {_ACCUM.value}; remat {config.train.remat}; "
+        f"precision policy={config.precision.policy} frozen={config.precision.frozen}")
+
+  pipeline = abstract_pipeline(spec)
+  rules = config.sharding.rules
+  replicated = sharding_lib.replicated(mesh)
+  text_width = spec["text_encoder"]["hidden_size"]
+  length = spec["text_encoder"]["max_position_embeddings"]
+  embed_dim = spec["image_encoder"]["projection_dim"]
+  frozen = train_step_lib.FrozenParams(
+      unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
+      vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
+      uncond_embeds=jax.ShapeDtypeStruct((1, length, text_width), jnp.float32))
+  frozen_shardings = sharding_lib.tree_shardings(mesh, rules, frozen)
+  critic = critic_lib.make_critic(config.critic, embed_dim)
+  init_fn = train.make_init_state_fn(config, critic, embed_dim, 64, jax.random.key(0))
+  state = jax.eval_shape(init_fn, pipeline.unet_params)
+  state_shardings = sharding_lib.tree_shardings(mesh, rules, state)
+  pipe = pipeline_lib_with_precision(pipeline, config)
+  train_step_fn = train_step_lib.make_train_step(pipe, critic, config,
+                                                 use_critic=train.ALGORITHMS[config.algorithm][0])
+  channels = spec["vae"]["latent_channels"]
+  factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
+  h, w = config.sample.height // factor, config.sample.width // factor
+  k, m = _ACCUM.value, config.train.batch_size
+  f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  batch = train_step_lib.TransitionBatch(
+      latents=f32(k, m, channels, h, w), next_latents=f32(k, m, channels, h, w),
+      timesteps=jax.ShapeDtypeStruct((k, m), jnp.int32), old_log_probs=f32(k, m),
+      advantages=f32(k, m), returns=f32(k, m), old_values=f32(k, m), embeds=f32(k, m, embed_dim),
+      prompt_embeds=f32(k, m, length, text_width))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  step = jax.jit(train_step_fn,
+                 in_shardings=(state_shardings, frozen_shardings,
+                               sharding_lib.batch_sharding(mesh, axis=1), replicated),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  tic = time.perf_counter()
+  compiled = step.lower(state, frozen, batch, key).compile()
+  _report("train step", compiled, _BUDGET.value, time.perf_counter() - tic)
+  if _SKIP_ROLLOUT.value:
+    return
+  rollout_batch = _ROLLOUT_BATCH.value or batch_devices
+  params = rollout.RolloutParams(unet=pipeline.unet_params, text_encoder=frozen.text_encoder,
+                                 vae=frozen.vae)
+  rows = sharding_lib.batch_sharding(mesh)
+  rollout_fn = jax.jit(
+      rollout.make_rollout_fn(pipe, config.sample),
+      in_shardings=(rollout.RolloutParams(unet=frozen_shardings.unet,
+                                          text_encoder=frozen_shardings.text_encoder,
+                                          vae=frozen_shardings.vae), rows, replicated,
+                    replicated))
+  tic = time.perf_counter()
+  compiled = rollout_fn.lower(params, jax.ShapeDtypeStruct((rollout_batch, length), jnp.int32),
+                              jax.ShapeDtypeStruct((1, length), jnp.int32), key).compile()
+  _report(f"rollout ({rollout_batch} prompts, {config.sample.num_steps} steps)", compiled,
+          _BUDGET.value, time.perf_counter() - tic)
+
+
+def pipeline_lib_with_precision(pipeline, config):
+  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  return pipeline_lib.with_precision(pipeline, unet=config.precision.policy,
+                                     frozen=config.precision.frozen)
+
+
+if __name__ == "__main__":
+  app.run(main)
