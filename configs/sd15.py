@@ -185,6 +185,9 @@ def get_config(arg=None):
   c.eval.samples_per_prompt = 4
   c.eval.seed = 2024
   c.eval.diversity = True
+  # KL of the policy's sampling path to the pre-trained model's on the held-out samples (one
+  # extra pair of guided UNet calls per step and sample): the "distance travelled".
+  c.eval.kl_to_pretrained = True
 
   c.log = ml_collections.ConfigDict()
   c.log.image_grid_every = 1

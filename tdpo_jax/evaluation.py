@@ -13,7 +13,14 @@ Every `eval.every` epochs (and after the last epoch), with `config.eval`:
   * diversity of prompt p: the mean over sample pairs i < j of the cosine distance of their CLIP
     image embeddings (the critic's image encoder),
         div_p = 2 / (S (S - 1)) sum_{i<j} (1 - <e_i, e_j> / (|e_i| |e_j|)),
-    -> `eval/heldout/diversity` = mean_p div_p.
+    -> `eval/heldout/diversity` = mean_p div_p;
+  * with `eval.kl_to_pretrained`, the KL of the current policy's sampling path to the
+    pre-trained model's, on the held-out samples x_T..x_0 ~ pi_theta: each DDIM transition is
+    N(mu, std^2 I) with the same std under both policies, so the path KL given the visited
+    states is a sum of closed forms (DESIGN §3, `objectives.gaussian_kl`, mean over latent dims),
+        KL_path = sum_t mean_{C,h,w} (mu_theta(x_t, t) - mu_ref(x_t, t))^2 / (2 std_t^2),
+    averaged over the samples -> `eval/heldout/kl_to_pretrained` (exactly 0 before the first
+    update; the Monte Carlo part is only over the visited states, never negative).
 Per-prompt rows (prompt, each reward's mean, diversity) go to `<workdir>/eval/epoch_EEEE.csv` and
 to TensorBoard as a markdown table; a captioned grid of the held-out samples to
 `<workdir>/eval/epoch_EEEE.png`.
@@ -32,9 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
+from tdpo_jax import objectives
 from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rewards
+from tdpo_jax import rollout
 from tdpo_jax import sharding as sharding_lib
 from tdpo_jax.models import image_encoder as image_encoder_lib
 
@@ -93,6 +103,38 @@ def pairwise_cosine_diversity(embeds):
   return jnp.mean(1.0 - similarity[:, first, second], axis=-1)
 
 
+def make_path_kl_fn(pipeline, sample_config):
+  """`path_kl(policy_unet, ref_unet, trajectory, uncond_embeds) -> (B,)`, pure (jit it).
+
+  KL_path = sum_t mean_{C,h,w} (mu_theta - mu_ref)^2 / (2 std_t^2) over the trajectory's T
+  transitions (module docstring); both means use `pipeline` (one precision for both, so a
+  precision difference never shows up as KL).
+
+  Args of the returned function:
+    policy_unet, ref_unet: UNet params of the current and the pre-trained policy.
+    trajectory: a `rollout.Trajectory` of B samples (latents (B, T+1, C, h, w)).
+    uncond_embeds: (1, L, D) the empty prompt's text embedding.
+  """
+  alphas = jnp.asarray(ddim.alphas_cumprod(pipeline.scheduler_config))
+  num_steps, eta = sample_config.num_steps, sample_config.eta
+
+  def path_kl(policy_unet, ref_unet, trajectory, uncond_embeds):
+    def step_kl(latents, timesteps):
+      means = []
+      for unet in (policy_unet, ref_unet):
+        eps = rollout.guided_eps(pipeline, unet, latents, timesteps, trajectory.prompt_embeds,
+                                 uncond_embeds, sample_config.guidance_scale)
+        means.append(ddim.ddim_mean_std(eps, timesteps, latents, alphas, num_steps, eta))
+      (mean, std), (ref_mean, _) = means
+      return objectives.gaussian_kl(mean, ref_mean, std)
+
+    per_step = jax.vmap(step_kl, in_axes=(1, 1), out_axes=1)(
+        trajectory.latents[:, :-1], trajectory.timesteps)
+    return jnp.sum(per_step, axis=1)
+
+  return path_kl
+
+
 def heldout_prompt_list(config):
   """The P held-out prompts: the first `eval.num_prompts` of `eval.prompts` (0 = all)."""
   prompts = prompts_lib.load_prompts(config.eval.prompts)
@@ -127,6 +169,9 @@ class Evaluator:
     if self.diversity:
       self.jit_embed_images = jax.jit(
           lambda params, images: image_encoder_lib.embed_images(pipeline, params, images))
+    self.kl_to_pretrained = bool(config.eval.kl_to_pretrained)
+    if self.kl_to_pretrained:
+      self.jit_path_kl = jax.jit(make_path_kl_fn(trainer.frozen_pipeline, config.sample))
 
   def due(self, epoch):
     return self.enabled and is_due(self.config, epoch)
@@ -135,8 +180,9 @@ class Evaluator:
     """The held-out samples of the current policy, with the fixed key `eval.seed`.
 
     Returns:
-      (images (N, H, W, 3) host float32, prompts list of N, embeds (N, d) host or None), rows
-      ordered prompt-major: sample s of prompt p is row p S + s.
+      (images (N, H, W, 3) host float32, prompts list of N, embeds (N, d) host or None,
+      path KL to the pre-trained policy (N,) host or None), rows ordered prompt-major: sample
+      s of prompt p is row p S + s.
     """
     trainer, batch = self.trainer, self.config.sample.batch_size
     prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
@@ -144,7 +190,7 @@ class Evaluator:
     padded = prompts + prompts[-1:] * (math.ceil(total / batch) * batch - total)
     params = trainer.rollout_params(state, frozen)
     key = jax.random.key(self.config.eval.seed)
-    images, embeds = [], []
+    images, embeds, kls = [], [], []
     for chunk, start in enumerate(range(0, len(padded), batch)):
       trajectory = trainer.rollout_prompts(params, padded[start:start + batch],
                                            jax.random.fold_in(key, chunk))
@@ -152,9 +198,13 @@ class Evaluator:
       if self.diversity:
         embeds.append(sharding_lib.to_host(
             self.jit_embed_images(frozen.image_encoder, trajectory.images)))
+      if self.kl_to_pretrained:
+        kls.append(sharding_lib.to_host(self.jit_path_kl(
+            params.unet, frozen.unet, trajectory, frozen.uncond_embeds)))
     images = np.concatenate(images)[:total]
     embeds = np.concatenate(embeds)[:total] if self.diversity else None
-    return images, prompts, embeds
+    kls = np.concatenate(kls)[:total] if self.kl_to_pretrained else None
+    return images, prompts, embeds, kls
 
   def score(self, images, prompts):
     """{reward name: (N,) float32 host scores} of every eval reward."""
@@ -179,11 +229,13 @@ class Evaluator:
     for name, scores in self.score(images, prompts).items():
       metrics[f"eval/train_prompts/{name}/mean"] = float(np.mean(scores))
       metrics[f"eval/train_prompts/{name}/std"] = float(np.std(scores))
-    heldout_images, heldout_prompts, embeds = self.sample_heldout(state, frozen)
+    heldout_images, heldout_prompts, embeds, kls = self.sample_heldout(state, frozen)
     heldout = self.score(heldout_images, heldout_prompts)
     for name, scores in heldout.items():
       metrics[f"eval/heldout/{name}/mean"] = float(np.mean(scores))
       metrics[f"eval/heldout/{name}/std"] = float(np.std(scores))
+    if kls is not None:
+      metrics["eval/heldout/kl_to_pretrained"] = float(np.mean(kls))
     shape = (len(self.prompts), self.samples_per_prompt)
     diversity = None
     if embeds is not None:
@@ -195,6 +247,8 @@ class Evaluator:
       row.update({name: float(np.mean(scores.reshape(shape)[p])) for name, scores in heldout.items()})
       if diversity is not None:
         row["diversity"] = float(diversity[p])
+      if kls is not None:
+        row["kl_to_pretrained"] = float(np.mean(kls.reshape(shape)[p]))
       rows.append(row)
     metrics["time/eval_s"] = time.perf_counter() - tic
     if workdir is not None and jax.process_index() == 0:

@@ -25,6 +25,7 @@ SPLIT_LABELS = {"train_prompts": "training prompts", "heldout": "held-out prompt
 # The logged KL estimates: to the pre-trained policy when a KL term is on (train.kl_mode), and
 # PPO's approximate KL between the sampling policy and the updated one (always logged).
 KL_LABELS = {
+    "eval/heldout/kl_to_pretrained": "to the initial policy (held-out path KL)",
     "policy/kl_penalty": "to the initial policy (return penalty)",
     "policy/kl_to_ref": "to the initial policy (gaussian)",
     "policy/approx_kl": "PPO approx. KL to the epoch's sampling policy",

@@ -116,6 +116,8 @@ def test_run_logs_every_eval_metric(run_dir):
         for stat in ("mean", "std"):
           assert np.isfinite(metrics[f"eval/{split}/{name}/{stat}"])
     assert 0.0 <= metrics["eval/heldout/diversity"] <= 2.0
+    # Evaluated after the epoch's updates: the LoRA is no longer zero, so the policy moved.
+    assert metrics["eval/heldout/kl_to_pretrained"] > 0.0
     # The training reward is jpeg_compressibility (-kB), computed by run_epoch on the same
     # images; incompressibility is +kB.
     np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_compressibility/mean"],
@@ -141,7 +143,7 @@ def test_run_writes_per_prompt_table(run_dir):
     with open(os.path.join(workdir, "eval", f"epoch_{epoch:04d}.csv"), newline="") as f:
       rows = list(csv.DictReader(f))
     assert [row["prompt"] for row in rows] == prompts
-    assert list(rows[0]) == ["prompt", *EVAL_REWARDS, "diversity"]
+    assert list(rows[0]) == ["prompt", *EVAL_REWARDS, "diversity", "kl_to_pretrained"]
     # Equal samples per prompt: the mean of the per-prompt means is the overall mean.
     for name in EVAL_REWARDS:
       np.testing.assert_allclose(np.mean([float(r[name]) for r in rows]),
@@ -200,8 +202,10 @@ def test_train_prompt_scores_are_the_jpeg_sizes(trainer_and_evaluator):
 def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_evaluator):
   trainer, evaluator = trainer_and_evaluator
   frozen, state = trainer.frozen_params(), trainer.init_state()
-  images_a, prompts_a, embeds_a = evaluator.sample_heldout(state, frozen)
-  images_b, prompts_b, embeds_b = evaluator.sample_heldout(state, frozen)
+  images_a, prompts_a, embeds_a, kls_a = evaluator.sample_heldout(state, frozen)
+  images_b, prompts_b, embeds_b, _ = evaluator.sample_heldout(state, frozen)
+  # Before the first update the policy is the pre-trained model (LoRA B = 0): no KL.
+  np.testing.assert_array_equal(kls_a, 0.0)
   config = trainer.config
   assert images_a.shape == (config.eval.num_prompts * config.eval.samples_per_prompt, 64, 64, 3)
   assert prompts_a == prompts_b
@@ -212,7 +216,7 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   # 3 prompts x 2 samples = 6 rows: two rollouts of 4, the second padded. Chunk 0 holds the
   # same prompts with the same key as above, so its rows are the same images.
   padded_config = _fast_config(cache_dir, **{"eval.num_prompts": 3})
-  images_p, prompts_p, _ = evaluation.Evaluator(padded_config, trainer).sample_heldout(
+  images_p, prompts_p, _, _ = evaluation.Evaluator(padded_config, trainer).sample_heldout(
       state, frozen)
   assert images_p.shape[0] == 6 and prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
   np.testing.assert_array_equal(images_p[:4], images_a)
@@ -220,8 +224,44 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   sharded = train.Trainer(_fast_config(cache_dir, num_devices=2))
   assert sharded.mesh.devices.size == 2
   sharded_eval = evaluation.Evaluator(sharded.config, sharded)
-  images_c, _, embeds_c = sharded_eval.sample_heldout(sharded.init_state(),
+  images_c, _, embeds_c, _ = sharded_eval.sample_heldout(sharded.init_state(),
                                                       sharded.frozen_params())
   np.testing.assert_allclose(images_c, images_a, atol=1e-4)
   np.testing.assert_allclose(embeds_c, embeds_a, rtol=1e-3, atol=1e-4)
   assert jax.device_count() >= 2
+
+
+def test_path_kl_is_the_sum_of_gaussian_kls(trainer_and_evaluator):
+  """The held-out path KL against torch's Normal KL, step by step, for a perturbed policy."""
+  torch = pytest.importorskip("torch")
+  from tdpo_jax import ddim  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import rollout  # pylint: disable=import-outside-toplevel
+  trainer, evaluator = trainer_and_evaluator
+  frozen = trainer.frozen_params()
+  leaves, treedef = jax.tree.flatten(frozen.unet)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  policy_unet = jax.tree.unflatten(treedef, [
+      leaf + 1e-2 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+  params = trainer.rollout_params(trainer.init_state(), frozen).replace(unet=policy_unet)
+  trajectory = trainer.rollout_prompts(params, ["a cat", "a dog", "a cat", "a fox"],
+                                       jax.random.key(4))
+  kl = np.asarray(evaluator.jit_path_kl(policy_unet, frozen.unet, trajectory,
+                                        frozen.uncond_embeds))
+  config, pipeline = trainer.config, trainer.frozen_pipeline
+  alphas = ddim.alphas_cumprod(pipeline.scheduler_config)
+  expected = np.zeros(kl.shape, np.float64)
+  for t in range(config.sample.num_steps):
+    latents, timesteps = trajectory.latents[:, t], trajectory.timesteps[:, t]
+    normals = []
+    for unet in (policy_unet, frozen.unet):
+      eps = rollout.guided_eps(pipeline, unet, latents, timesteps, trajectory.prompt_embeds,
+                               frozen.uncond_embeds, config.sample.guidance_scale)
+      mean, std = ddim.ddim_mean_std(eps, timesteps, latents, alphas, config.sample.num_steps,
+                                     config.sample.eta)
+      normals.append(torch.distributions.Normal(
+          torch.from_numpy(np.asarray(mean, np.float64)),
+          torch.from_numpy(np.broadcast_to(np.asarray(std, np.float64), mean.shape).copy())))
+    step = torch.distributions.kl_divergence(*normals).numpy()
+    expected += step.reshape(step.shape[0], -1).mean(axis=1)
+  assert np.all(expected > 0)
+  np.testing.assert_allclose(kl, expected, rtol=1e-3)
