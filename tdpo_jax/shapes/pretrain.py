@@ -23,6 +23,7 @@ samples of fixed prompts (`eval`); after each evaluation the EMA weights are als
 """
 import argparse
 import ast
+import functools
 import importlib.util
 import json
 import logging
@@ -31,9 +32,11 @@ import shutil
 import tempfile
 import time
 
+import diffusers
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -196,6 +199,7 @@ class _Log:
   """Appends metrics lines to DIR/metrics.jsonl and logs them."""
 
   def __init__(self, workdir):
+    os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, stage, step, **metrics):
@@ -265,19 +269,29 @@ def _rate_tracker():
   return rate
 
 
+@functools.lru_cache(maxsize=4)
+def _vae_kernels(vae_spec_json, vae_config_json):
+  """(vae, optimizer, jitted step, jitted encode) per (spec.vae, config.vae), compiled once."""
+  vae = diffusers.FlaxAutoencoderKL.from_config(json.loads(vae_spec_json))
+  vae_config = ml_collections.ConfigDict(json.loads(vae_config_json))
+  optimizer = _optimizer(vae_config)
+  step_fn = jax.jit(make_vae_step(vae, optimizer, vae_config.kl_weight), donate_argnums=(0, 1))
+  encode = jax.jit(lambda p, x: encode_posteriors(vae, p, x, 1.0))
+  return vae, optimizer, step_fn, encode
+
+
 def train_vae(workdir, config, spec, steps, batch_size, log):
   """Runs (or resumes) the VAE stage up to `steps`; returns (vae_params, scale)."""
-  modules = model_lib.modules(spec)
-  vae = modules["vae"]
+  vae, optimizer, step_fn, encode = _vae_kernels(
+      json.dumps(model_lib.tiny._to_dict(spec.vae), sort_keys=True),
+      json.dumps(config.vae.to_dict(), sort_keys=True))
   root = jax.random.key(config.seed)
   path = _checkpoint_path(workdir, "vae")
-  optimizer = _optimizer(config.vae)
   params = model_lib.init_params(spec, config.seed)["vae"]
   template = {"step": 0, "params": params, "opt_state": optimizer.init(params), "scale": 0.0}
   state = load_checkpoint(path, template) or template
   if state["step"]:
     logging.info("vae: resumed at step %d from %s", state["step"], path)
-  step_fn = jax.jit(make_vae_step(vae, optimizer, config.vae.kl_weight), donate_argnums=(0, 1))
   params, opt_state = state["params"], state["opt_state"]
   rate = _rate_tracker()
   rate(state["step"])
@@ -293,7 +307,7 @@ def train_vae(workdir, config, spec, steps, batch_size, log):
     if done % config.checkpoint_every == 0 and done < steps:
       save_checkpoint(path, {"step": done, "params": params, "opt_state": opt_state, "scale": 0.0})
   scale = float(state["scale"]) if start >= steps and state["scale"] else _latent_scale(
-      vae, params, config, root)
+      encode, params, config, root)
   save_checkpoint(path, {"step": max(steps, start), "params": params, "opt_state": opt_state,
                          "scale": scale})
   _save_vae_samples(workdir, vae, params, config, steps)
@@ -301,10 +315,9 @@ def train_vae(workdir, config, spec, steps, batch_size, log):
   return params, scale
 
 
-def _latent_scale(vae, params, config, root):
+def _latent_scale(encode, params, config, root):
   """1 / std of posterior samples of `config.vae.scaling_images` held-out images."""
   images, _ = world.batch(config.data_seed + 1, 0, config.vae.scaling_images)
-  encode = jax.jit(lambda p, x: encode_posteriors(vae, p, x, 1.0))
   mean, std = encode(params, images)
   noise = jax.random.normal(jax.random.fold_in(root, _STREAM_SCALE), mean.shape)
   latents = np.asarray(mean + std * noise)
