@@ -4,8 +4,28 @@
 (32x32x3 -> 8x8x4), a latent UNet (64, 128), a small CLIP text encoder over a word-level
 tokenizer of the world's vocabulary, and a 32-d CLIP image encoder (random, for the critic).
 `pretrain_config()`: `python -m tdpo_jax.shapes.pretrain` settings.
+`get_config(arg)`: RL fine-tuning on the world (provisional: no weights are shipped yet, so
+`--config.pretrained.model` must name a directory written by `pretrain --export`).
 """
+import os
+import sys
+
 import ml_collections
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402  (a config file is loaded by path, not as a package)
+
+
+def get_config(arg=None):
+  """configs/tiny.py's loop on the shapes world: 32x32 images, gold reward, world prompts."""
+  c = tiny.get_config(arg)
+  c.pretrained.model = ""  # a `python -m tdpo_jax.shapes.pretrain --export` directory
+  c.prompts = "shapes_world"
+  c.reward = "shapes_gold"
+  c.sample.num_steps = 20
+  c.sample.height = 32
+  c.sample.width = 32
+  return c
 
 
 def shapes_model_spec():

@@ -75,3 +75,18 @@ def test_grey_blobs_have_no_colour():
   image[10:20, 10:20] = 90
   (obj,), _ = gold.detect(image)
   assert obj["colour"] is None and obj["shape"] == "square"
+
+
+def test_gold_is_registered_as_a_reward():
+  from tdpo_jax import rewards  # pylint: disable=import-outside-toplevel
+  reward_fn = rewards.make_reward_fn("shapes_gold", None)
+  images, prompts = world.batch(0, 2, 3)
+  np.testing.assert_allclose(reward_fn(images / 255.0, prompts),
+                             gold.gold_reward(images / 255.0, prompts))
+
+
+def test_shapes_config_uses_the_world():
+  from tests import helpers  # pylint: disable=import-outside-toplevel
+  config = helpers.load_config("shapes")
+  assert config.reward == "shapes_gold" and config.prompts == "shapes_world"
+  assert (config.sample.height, config.sample.width) == (world.IMAGE_SIZE, world.IMAGE_SIZE)

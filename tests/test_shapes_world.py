@@ -81,3 +81,8 @@ def test_bad_attributes_raise():
     world.make_scene(np.random.default_rng(0), "red", "circle", 2, "left")
   with pytest.raises(ValueError, match="bad attributes"):
     world.prompt_of("purple", "circle", 1)
+
+
+def test_shipped_prompt_set_is_the_world():
+  from tdpo_jax import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  assert prompts_lib.load_prompts("shapes_world") == tuple(world.all_prompts())

@@ -19,10 +19,13 @@ from tdpo_jax.rewards import host_callback
 from tdpo_jax.rewards import hpsv2
 from tdpo_jax.rewards import jpeg
 from tdpo_jax.rewards import pickscore
+from tdpo_jax.shapes import gold as shapes_gold
 
 _REGISTRY = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
     "jpeg_incompressibility": jpeg.jpeg_incompressibility,
+    # The shapes world's analytical reward (prompt fidelity + image quality; shapes/gold.py).
+    "shapes_gold": shapes_gold.gold_reward,
 }
 
 
