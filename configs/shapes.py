@@ -22,6 +22,8 @@ def get_config(arg=None):
   c.pretrained.model = ""  # a `python -m tdpo_jax.shapes.pretrain --export` directory
   c.prompts = "shapes_world"
   c.reward = "shapes_gold"
+  # The learned proxy (reward="shapes_proxy"): `python -m tdpo_jax.shapes.proxy --out FILE`.
+  c.rewards.shapes_proxy = dict(weights="")
   c.sample.num_steps = 20
   c.sample.height = 32
   c.sample.width = 32

@@ -12,6 +12,7 @@ Two kinds of rewards:
       pickscore   config.rewards.pickscore.model (CLIPModel dir), .processor ("" = model dir)
       hpsv2       config.rewards.hpsv2.checkpoint (converted .safetensors), .clip_config (dir)
       imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model)
+      shapes_proxy config.rewards.shapes_proxy.weights (`python -m tdpo_jax.shapes.proxy` msgpack)
 `make_reward_fn` handles both kinds, so callers use it for every name.
 """
 from tdpo_jax.rewards import aesthetic
@@ -20,6 +21,7 @@ from tdpo_jax.rewards import hpsv2
 from tdpo_jax.rewards import jpeg
 from tdpo_jax.rewards import pickscore
 from tdpo_jax.shapes import gold as shapes_gold
+from tdpo_jax.shapes import proxy as shapes_proxy
 
 _REGISTRY = {
     "jpeg_compressibility": jpeg.jpeg_compressibility,
@@ -40,6 +42,7 @@ _MODEL_REWARDS = {
     "pickscore": (pickscore.make_reward_fn, ("model", "processor")),
     "hpsv2": (hpsv2.make_reward_fn, ("checkpoint", "clip_config")),
     "imagereward": (_imagereward, ("model", "device")),
+    "shapes_proxy": (shapes_proxy.make_reward_fn, ("weights",)),
 }
 
 
