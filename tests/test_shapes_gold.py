@@ -17,10 +17,10 @@ def test_detector_recovers_the_attributes_of_rendered_scenes():
     if scene.position is not None:
       assert objects[0]["position"] == scene.position
     # Centroids match the drawn centres (triangles: 1/6 of the size below the bbox centre).
-    drawn = sorted((s.centre[0] - 0.5, s.centre[1] - 0.5 + (s.size / 6 if s.kind == "triangle"
-                                                            else 0)) for s in scene.shapes)
-    found = sorted(o["centre"] for o in objects)
-    np.testing.assert_allclose(found, drawn, atol=1.0)
+    drawn = [(s.centre[0] - 0.5, s.centre[1] - 0.5 + (s.size / 6 if s.kind == "triangle"
+                                                            else 0)) for s in scene.shapes]
+    for centre in drawn:  # each drawn centre has a detected centroid within 1 px
+      assert min(np.hypot(*np.subtract(o["centre"], centre)) for o in objects) <= 1.0
 
 
 def test_scores_are_one_for_matching_renders():

@@ -44,8 +44,8 @@ POSITION_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom
 # Sampling distribution of scenes.
 PROB_TWO = 0.5                  # P(count = 2)
 PROB_POSITION = 0.5             # P(a single shape has a stated position)
-SINGLE_SIZE = (9, 14)           # side / diameter range in pixels (inclusive) of a single shape
-PAIR_SIZE = (7, 10)             # ... of each shape of a pair
+SINGLE_SIZE = (10, 15)          # side / diameter range in pixels (inclusive) of a single shape
+PAIR_SIZE = (9, 12)             # ... of each shape of a pair
 PAIR_GAP = 3                    # min pixels between the bounding boxes of a pair
 POSITION_OFFSET = (6, 10)       # |offset| of a positioned shape's centre along its direction
 POSITION_JITTER = 2             # max |offset| across its direction
