@@ -1,0 +1,92 @@
+"""The shapes world (tdpo_jax.shapes): its model architecture and pre-training settings.
+
+`shapes_model_spec()`: a small SD-shaped latent diffusion model for 32x32 images: a VAE
+(32x32x3 -> 8x8x4), a latent UNet (64, 128), a small CLIP text encoder over a word-level
+tokenizer of the world's vocabulary, and a 32-d CLIP image encoder (random, for the critic).
+`pretrain_config()`: `python -m tdpo_jax.shapes.pretrain` settings.
+`get_config(arg)`: RL fine-tuning on the world (provisional: no weights are shipped yet, so
+`--config.pretrained.model` must name a directory written by `pretrain --export`).
+"""
+import os
+import sys
+
+import ml_collections
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny  # noqa: E402  (a config file is loaded by path, not as a package)
+
+
+def get_config(arg=None):
+  """configs/tiny.py's loop on the shapes world: 32x32 images, gold reward, world prompts."""
+  c = tiny.get_config(arg)
+  c.pretrained.model = ""  # a `python -m tdpo_jax.shapes.pretrain --export` directory
+  c.prompts = "shapes_world"
+  c.reward = "shapes_gold"
+  # The learned proxy (reward="shapes_proxy"): `python -m tdpo_jax.shapes.proxy --out FILE`.
+  c.rewards.shapes_proxy = dict(weights="")
+  c.sample.num_steps = 20
+  c.sample.height = 32
+  c.sample.width = 32
+  return c
+
+
+def shapes_model_spec():
+  """Architecture of the shapes-world pipeline (diffusers / transformers config per component)."""
+  spec = ml_collections.ConfigDict()
+  spec.vae = dict(
+      in_channels=3, out_channels=3, latent_channels=4,
+      block_out_channels=(16, 32, 64),
+      down_block_types=("DownEncoderBlock2D",) * 3,
+      up_block_types=("UpDecoderBlock2D",) * 3,
+      layers_per_block=1, norm_num_groups=8, sample_size=32, scaling_factor=1.0)
+  # attention_head_dim is the NUMBER of heads (diffusers' UNet2DConditionModel naming).
+  spec.unet = dict(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(64, 128),
+      layers_per_block=1,
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+      cross_attention_dim=64, attention_head_dim=4)
+  # vocab_size / bos / eos ids come from the word-level tokenizer (tdpo_jax.shapes.model);
+  # prompts are <= 7 words, so 16 positions hold every prompt with BOS/EOS.
+  spec.text_encoder = dict(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      max_position_embeddings=16, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+  spec.image_encoder = dict(
+      image_size=32, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=2, projection_dim=32)
+  # DDPM's linear schedule: terminal SNR alpha_bar_999 ~ 4e-5 (SD's scaled_linear leaves ~5e-3,
+  # whose leaked mean colour tints small images); epsilon prediction, as the RL sampler needs.
+  spec.scheduler = dict(
+      num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
+      beta_schedule="linear", clip_sample=False, set_alpha_to_one=False,
+      steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
+  return spec
+
+
+def pretrain_config():
+  """Settings of `python -m tdpo_jax.shapes.pretrain` (flags override steps / batch)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.data_seed = 1
+  c.vae = ml_collections.ConfigDict(dict(
+      steps=1500, batch_size=32, learning_rate=1e-3, warmup_steps=100, schedule="cosine",
+      kl_weight=1e-6,
+      # latents are scaled by 1 / std so the UNet sees unit variance; std from this many images.
+      scaling_images=1024))
+  c.unet = ml_collections.ConfigDict(dict(
+      # constant after warmup: a later session can extend --steps without a schedule change.
+      steps=60000, batch_size=64, learning_rate=3e-4, warmup_steps=500, schedule="constant",
+      weight_decay=0.0,
+      grad_clip=1.0, ema_decay=0.999,
+      prompt_dropout=0.1,   # P(empty prompt) while training, for classifier-free guidance
+      offset_noise=0.1,     # std of per-channel constant noise added to eps (Guttenberg 2023)
+      # the training set: this many world images, encoded once by the frozen VAE.
+      dataset_size=16384, encode_batch_size=256))
+  c.log_every = 50
+  c.checkpoint_every = 200
+  c.eval_every = 1000
+  # Evaluation: samples of fixed prompts scored by the gold detector, with the RL sampler.
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=64, num_steps=20, eta=1.0, guidance_scale=5.0, seed=1234))
+  c.export_fp16 = True
+  return c
