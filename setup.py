@@ -32,5 +32,5 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     # torch is only for parity tests against the PyTorch reference implementations; never a
     # runtime requirement. 2.13.0 is a CPU wheel (a range would pull a multi-GB CUDA build).
-    extras_require={"test": ["pytest==9.2.0", "torch==2.13.0"]},
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"]},
 )
