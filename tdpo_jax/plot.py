@@ -53,6 +53,8 @@ def _new_figure(plt, title, ylabel):
   figure, axes = plt.subplots(figsize=FIGURE_SIZE, dpi=DPI)
   axes.set_title(title)
   axes.set_xlabel("epoch")
+  from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+  axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))  # epochs are whole numbers
   axes.set_ylabel(ylabel)
   axes.grid(True, alpha=0.3)
   return figure, axes
