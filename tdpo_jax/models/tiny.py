@@ -164,6 +164,15 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   encoder_params = _random_params(encoder.init_weights, component_rng("image_encoder"))
   _write_weights(directory, encoder_params, convert.clip_pytorch_key,
                  pipeline_lib.TRANSFORMERS_WEIGHTS, formats)
+  write_image_processor_config(directory, size)
+
+  _write_tokenizer(os.path.join(out_dir, "tokenizer"))
+  write_scheduler_and_index(out_dir, spec["scheduler"], version)
+  return out_dir
+
+
+def write_image_processor_config(directory, size):
+  """`<directory>/preprocessor_config.json`: CLIP preprocessing (resize + crop to `size`)."""
   _write_json(os.path.join(directory, "preprocessor_config.json"), dict(
       image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": size},
       resample=3, do_center_crop=True, crop_size={"height": size, "width": size},
@@ -171,9 +180,11 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
       image_mean=list(image_encoder_lib.CLIP_MEAN), image_std=list(image_encoder_lib.CLIP_STD),
       do_convert_rgb=True))
 
-  _write_tokenizer(os.path.join(out_dir, "tokenizer"))
+
+def write_scheduler_and_index(out_dir, scheduler_spec, version):
+  """The DDIM `scheduler/scheduler_config.json` and the pipeline's `model_index.json`."""
   _write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), dict(
-      _to_dict(spec["scheduler"]), _class_name="DDIMScheduler", _diffusers_version=version))
+      _to_dict(scheduler_spec), _class_name="DDIMScheduler", _diffusers_version=version))
   _write_json(os.path.join(out_dir, "model_index.json"), {
       "_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
       "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -182,7 +193,6 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
       "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
       "safety_checker": [None, None], "feature_extractor": [None, None],
       "requires_safety_checker": False})
-  return out_dir
 
 
 def _load_spec(config_path):

@@ -201,24 +201,10 @@ def export_pipeline(out_dir, spec, params, scaling_factor, fp16=True):
     convert.save_msgpack(_cast(params[name], fp16),
                          os.path.join(directory, pipeline_lib.TRANSFORMERS_WEIGHTS[0]))
   size = mods["image_encoder"].config.image_size
-  tiny._write_json(os.path.join(out_dir, "image_encoder", "preprocessor_config.json"), dict(
-      image_processor_type="CLIPImageProcessor", do_resize=True, size={"shortest_edge": size},
-      resample=3, do_center_crop=True, crop_size={"height": size, "width": size},
-      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-      image_mean=list(image_encoder_lib.CLIP_MEAN), image_std=list(image_encoder_lib.CLIP_STD),
-      do_convert_rgb=True))
+  tiny.write_image_processor_config(os.path.join(out_dir, "image_encoder"), size)
   write_tokenizer(os.path.join(out_dir, "tokenizer"),
                   spec["text_encoder"]["max_position_embeddings"])
-  tiny._write_json(os.path.join(out_dir, "scheduler", "scheduler_config.json"), dict(
-      tiny._to_dict(spec["scheduler"]), _class_name="DDIMScheduler", _diffusers_version=version))
-  tiny._write_json(os.path.join(out_dir, "model_index.json"), {
-      "_class_name": "StableDiffusionPipeline", "_diffusers_version": version,
-      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-      "text_encoder": ["transformers", "CLIPTextModel"],
-      "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
-      "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-      "safety_checker": [None, None], "feature_extractor": [None, None],
-      "requires_safety_checker": False})
+  tiny.write_scheduler_and_index(out_dir, spec["scheduler"], version)
   return out_dir
 
 
