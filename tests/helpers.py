@@ -33,6 +33,27 @@ def tiny_config(cache_dir, **overrides):
   return config
 
 
+def tiny_rollout_inputs(cache_dir, num_prompts=4):
+  """The tiny pipeline and the inputs of one rollout of the first `num_prompts` simple_animals.
+
+  Returns:
+    (config, pipeline, `RolloutParams` of the pre-trained model, input_ids, uncond_ids)
+  """
+  from tdpo_jax import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import rollout  # pylint: disable=import-outside-toplevel
+  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=import-outside-toplevel
+  config = tiny_config(cache_dir)
+  pipeline = pipeline_lib.load_pipeline(config.pretrained.model,
+                                        cache_dir=config.pretrained.cache_dir,
+                                        tiny_spec=config.pretrained.tiny)
+  params = rollout.RolloutParams(unet=pipeline.unet_params,
+                                 text_encoder=pipeline.text_encoder_params,
+                                 vae=pipeline.vae_params)
+  prompts = list(prompts_lib.load_prompts("simple_animals")[:num_prompts])
+  input_ids, uncond_ids = rollout.tokenize_prompts(pipeline, prompts)
+  return config, pipeline, params, input_ids, uncond_ids
+
+
 def epoch_batches(trainer, state, frozen, trajectory, prompt_index, epoch=0):
   """The pre-training phases of `Trainer.run_epoch` (reward, normalise, critic values,
   advantages), returning the epoch's `TransitionBatch` with leading dims (S, k, M)."""

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from tdpo_jax import ddim
-from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rollout
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import jpeg
@@ -33,15 +32,8 @@ REWARD_ROLLOUT_ATOL = 0.06
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-  config = helpers.tiny_config(tmp_path_factory.mktemp("models"))
-  pipeline = pipeline_lib.load_pipeline(config.pretrained.model,
-                                        cache_dir=config.pretrained.cache_dir,
-                                        tiny_spec=config.pretrained.tiny)
-  params = rollout.RolloutParams(unet=pipeline.unet_params,
-                                 text_encoder=pipeline.text_encoder_params,
-                                 vae=pipeline.vae_params)
-  prompts = list(prompts_lib.load_prompts("simple_animals")[:4])
-  input_ids, uncond_ids = rollout.tokenize_prompts(pipeline, prompts)
+  config, pipeline, params, input_ids, uncond_ids = helpers.tiny_rollout_inputs(
+      tmp_path_factory.mktemp("models"))
   bf16 = pipeline_lib.with_precision(pipeline, unet="bfloat16", frozen="bfloat16")
   key = jax.random.key(0)
   fp32_traj = jax.jit(rollout.make_rollout_fn(pipeline, config.sample))(
