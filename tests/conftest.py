@@ -1,5 +1,19 @@
 """Test setup: 8 fake CPU devices, set before JAX initialises its backend (STYLE §2 Tests)."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by the xdist workers and the subprocesses the tests
+# start: most tests build a fresh `Trainer` of the same tiny shapes, whose kernels then compile
+# once per CI run instead of once per test (compilation is most of a tiny test's time). It is
+# keyed by the HLO and the JAX/XLA versions, so a stale entry is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"tdpo_jax_tests_xla_cache_{os.getuid()}"))
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "multiprocess: spawns jax.distributed processes; the README's test command "
+      "runs these alone, after the xdist part (XLA:CPU's gloo collectives time out after 30 s "
+      "when a starved process lags)")
