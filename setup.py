@@ -27,7 +27,9 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["tdpo_jax", "tdpo_jax.*"]),
-    package_data={"tdpo_jax": ["prompts/*.txt", "models/tiny_tokenizer/*"]},
+    package_data={"tdpo_jax": ["prompts/*.txt", "models/tiny_tokenizer/*",
+                               "shapes/assets/*.msgpack", "shapes/assets/pipeline/*/*",
+                               "shapes/assets/pipeline/*.json"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     # torch is only for parity tests against the PyTorch reference implementations; never a

@@ -1,11 +1,18 @@
-"""The shapes world (tdpo_jax.shapes): its model architecture and pre-training settings.
+"""The shapes world (tdpo_jax.shapes): RL fine-tuning on it, its model, its pre-training.
 
-`shapes_model_spec()`: a small SD-shaped latent diffusion model for 32x32 images: a VAE
-(32x32x3 -> 8x8x4), a latent UNet (64, 128), a small CLIP text encoder over a word-level
-tokenizer of the world's vocabulary, and a 32-d CLIP image encoder (random, for the critic).
-`pretrain_config()`: `python -m tdpo_jax.shapes.pretrain` settings.
-`get_config(arg)`: RL fine-tuning on the world (provisional: no weights are shipped yet, so
-`--config.pretrained.model` must name a directory written by `pretrain --export`).
+`get_config(arg)`: the default job. TDPO-R fine-tunes the shipped shapes model
+(`tdpo_jax/shapes/assets/pipeline`, pre-trained by `python -m tdpo_jax.shapes.pretrain`) against
+the shipped learned proxy reward (`tdpo_jax/shapes/assets/proxy.msgpack`), and scores every
+epoch's samples by the analytical gold reward too, so overoptimisation shows:
+
+  python -m tdpo_jax.main --config=configs/shapes.py --workdir=/tmp/tdpo_shapes
+  python -m tdpo_jax.main --config=configs/shapes.py:algorithm=ddpo,reward=gold --workdir=...
+
+Presets (comma-separated `key=value`):
+  algorithm=tdpo_r|tdpo|ddpo|redo  redo = TDPO-R's loop resetting the critic's DORMANT neurons
+      (ReDo, Sokar et al. 2023) instead of its active ones;
+  reward=proxy|gold  what RL maximises (the other metrics are logged either way).
+`shapes_model_spec()`: the model architecture. `pretrain_config()`: pre-training settings.
 """
 import os
 import sys
@@ -13,20 +20,60 @@ import sys
 import ml_collections
 
 sys.path.insert(0, os.path.dirname(__file__))
-import tiny  # noqa: E402  (a config file is loaded by path, not as a package)
+import sd15  # noqa: E402  (a config file is loaded by path, not as a package)
+import tiny  # noqa: E402
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tdpo_jax",
+                      "shapes", "assets")
+ALGORITHM_PRESETS = {
+    # preset: (config.algorithm, reset.target)
+    "tdpo_r": ("tdpo_r", "active"),
+    "tdpo": ("tdpo", "active"),
+    "ddpo": ("ddpo", "active"),
+    "redo": ("tdpo_r", "dormant"),
+}
+REWARD_PRESETS = {"proxy": "shapes_proxy", "gold": "shapes_gold"}
 
 
 def get_config(arg=None):
-  """configs/tiny.py's loop on the shapes world: 32x32 images, gold reward, world prompts."""
-  c = tiny.get_config(arg)
-  c.pretrained.model = ""  # a `python -m tdpo_jax.shapes.pretrain --export` directory
+  """configs/tiny.py's loop on the shapes world: 32x32 images, world prompts, proxy reward."""
+  args = sd15.parse_arg(arg, algorithm="tdpo_r", reward="proxy")
+  if args.algorithm not in ALGORITHM_PRESETS:
+    raise ValueError(f"unknown algorithm preset {args.algorithm!r}; expected one of "
+                     f"{sorted(ALGORITHM_PRESETS)}")
+  if args.reward not in REWARD_PRESETS:
+    raise ValueError(f"unknown reward preset {args.reward!r}; expected one of "
+                     f"{sorted(REWARD_PRESETS)}")
+  c = tiny.get_config()
+  c.algorithm, c.reset.target = ALGORITHM_PRESETS[args.algorithm]
+  c.seed = 0
+  c.num_epochs = 12
+  c.pretrained.model = os.path.join(ASSETS, "pipeline")
+  c.pretrained.image_encoder = ""  # the pipeline's image_encoder/ (random, 32-d)
+  c.pretrained.tiny = None
   c.prompts = "shapes_world"
-  c.reward = "shapes_gold"
-  # The learned proxy (reward="shapes_proxy"): `python -m tdpo_jax.shapes.proxy --out FILE`.
-  c.rewards.shapes_proxy = dict(weights="")
-  c.sample.num_steps = 20
+  c.reward = REWARD_PRESETS[args.reward]
+  c.rewards.shapes_proxy = dict(weights=os.path.join(ASSETS, "proxy.msgpack"))
+  c.sample.num_steps = 10
   c.sample.height = 32
   c.sample.width = 32
+  c.sample.batch_size = 16
+  c.sample.num_batches_per_epoch = 2
+  c.train.batch_size = 8
+  c.train.gradient_accumulation_steps = 4  # 32 samples x 10 steps / (8 x 4) = 10 updates/epoch
+  # LoRA rank 4 on the attention projections (sd15's), DDPO's LoRA learning rate. Seen in 6-epoch
+  # probes on the shipped model: full fine-tuning took 5x longer per epoch (40 s vs 8 s).
+  c.train.learning_rate = 3e-4
+  c.train.clip_range = 1e-4
+  c.reset.period = 3
+  # Gold and proxy of every epoch's own samples (the overoptimisation curves), and of 8 fixed
+  # prompts x 2 samples drawn with a fixed key.
+  c.eval.every = 1
+  c.eval.rewards = ("shapes_gold", "shapes_proxy")
+  c.eval.prompts = "shapes_world"
+  c.eval.num_prompts = 8
+  c.eval.samples_per_prompt = 2
+  c.log.num_grid_images = 16
   return c
 
 

@@ -1,7 +1,7 @@
 """Pre-training of the shapes-world model on a CPU, resumable: VAE first, then UNet + text encoder.
 
   python -m tdpo_jax.shapes.pretrain --workdir DIR [--stage vae|unet|all] [--steps N] [--batch B]
-  python -m tdpo_jax.shapes.pretrain --workdir DIR --export OUT_DIR
+  python -m tdpo_jax.shapes.pretrain --workdir DIR --export OUT_DIR [--export_weights ema|params]
 
 Shape legend: B batch, images NHWC (B, 32, 32, 3) in [-1, 1] for the VAE, latents NCHW
 (B, 4, 8, 8) for the UNet, text ids (B, L).
@@ -460,19 +460,27 @@ def _evaluate_and_log(workdir, sampler, pipeline, params, config, step, log):
   log.write("eval", step, **rates, eval_s=time.time() - start)
 
 
-def export(workdir, out_dir, config, spec):
-  """Writes the pipeline directory of the finished (EMA) weights; returns its size in bytes."""
+def export(workdir, out_dir, config, spec, weights="ema"):
+  """Writes the pipeline directory of the UNet checkpoint's weights; returns its size in bytes.
+
+  weights: "ema" (the EMA of the parameters) or "params" (the raw parameters). The EMA starts
+    at the random init, which still weighs decay^step (0.999^2800 = 6 %) in it: early on the raw
+    parameters sample better (the shipped model: docs/shapes.md).
+  """
+  if weights not in ("ema", "params"):
+    raise ValueError(f"weights={weights!r}; expected 'ema' or 'params'")
   vae_params, scale = _load_finished_vae(workdir, config, spec)
   optimizer = _optimizer(config.unet)
   template, init = _unet_template(config, spec, optimizer)
   state = load_checkpoint(_checkpoint_path(workdir, "unet"), template)
   if state is None:
     raise FileNotFoundError(f"no UNet checkpoint in {workdir!r}; run --stage unet first")
-  params = dict(state["ema"], vae=vae_params, image_encoder=init["image_encoder"])
+  params = dict(state[weights], vae=vae_params, image_encoder=init["image_encoder"])
   model_lib.export_pipeline(out_dir, spec, params, scale, fp16=config.export_fp16)
   size = sum(os.path.getsize(os.path.join(folder, name))
              for folder, _, names in os.walk(out_dir) for name in names)
-  logging.info("exported step %d to %s (%.1f MB)", state["step"], out_dir, size / 1e6)
+  logging.info("exported the %s weights of step %d to %s (%.1f MB)", weights, state["step"],
+               out_dir, size / 1e6)
   return size
 
 
@@ -502,6 +510,8 @@ def main(argv=None):
   parser.add_argument("--vae_steps", type=int, default=0, help="0 = config")
   parser.add_argument("--batch", type=int, default=0, help="batch size (0 = config)")
   parser.add_argument("--export", default="", help="write the pipeline directory here and exit")
+  parser.add_argument("--export_weights", default="ema", choices=("ema", "params"),
+                      help="which UNet / text-encoder weights --export writes")
   parser.add_argument("--config", default=CONFIG_PATH)
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a pretrain_config() value, e.g. --set unet.dataset_size=256")
@@ -515,7 +525,7 @@ def main(argv=None):
     _override(config, item)
   os.makedirs(args.workdir, exist_ok=True)
   if args.export:
-    export(args.workdir, args.export, config, spec)
+    export(args.workdir, args.export, config, spec, args.export_weights)
     return
   log = _Log(args.workdir)
   if args.stage in ("vae", "all"):
