@@ -168,7 +168,7 @@ def test_nan_reward_keeps_last_good_checkpoint(trainer, cache_dir, tmp_path):
 
 # ------------------------------------------------------------------- processes
 
-def _environment(tmp_root):
+def _environment():
   environment = dict(os.environ)
   # Reruns load the compiled kernels from conftest's persistent cache: ~75 s -> ~30 s per process.
   environment["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -187,7 +187,7 @@ def _without_times(history):
 
 
 def test_sigterm_and_resume_equals_uninterrupted_run(cache_dir, tmp_path):
-  environment = _environment(tmp_path)
+  environment = _environment()
   # Uninterrupted.
   reference = tmp_path / "reference"
   result = subprocess.run(_command(reference, cache_dir), capture_output=True, text=True,
