@@ -61,7 +61,7 @@ def get_config(arg=None):
   c.sample.num_batches_per_epoch = 2
   c.train.batch_size = 8
   c.train.gradient_accumulation_steps = 4  # 32 samples x 10 steps / (8 x 4) = 10 updates/epoch
-  # LoRA rank 4 on the attention projections (sd15's), DDPO's LoRA learning rate. Seen in 6-epoch
+  # LoRA rank 4 on the attention projections (sd15's), DDPO's LoRA learning rate. Seen in short
   # probes on the shipped model: full fine-tuning took 5x longer per epoch (40 s vs 8 s).
   c.train.learning_rate = 3e-4
   c.train.clip_range = 1e-4
