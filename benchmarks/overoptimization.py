@@ -8,17 +8,23 @@ Each (algorithm, seed) fine-tunes the shipped shapes model against the learned p
 for `--epochs` epochs, in `<out>/runs/<algorithm>_seed<seed>` (a rerun resumes or skips finished
 runs). Per epoch it reads, from the run's metrics.jsonl, the proxy reward of the epoch's samples
 (`reward/mean`: what RL maximises) and the gold reward of the SAME samples
-(`eval/train_prompts/shapes_gold/mean`), plus the held-out KL to the pre-trained model.
+(`eval/train_prompts/shapes_gold/mean`), and the proxy, gold and KL to the pre-trained model of
+the fixed-key eval samples (`eval/heldout/*`: configs/shapes.py draws them for the training
+prompts with the same noise every epoch, so they move only with the policy).
 
 Writes to `--out`:
   overoptimization.csv    one row per (algorithm, seed, epoch);
-  reward_vs_epoch.png     proxy and gold against epoch, mean +- std over seeds;
+  reward_vs_epoch.png     proxy and gold against epoch, mean +- std over seeds, of the epoch's
+                          samples and (second row) of the fixed-key eval samples;
   gold_vs_proxy.png       gold against proxy along each algorithm's mean trajectory;
   table.md                gold at matched proxy (printed too): the proxy levels are spread
                           over the gain every algorithm reached, and for each algorithm the
                           gold of its mean trajectory is interpolated where its mean proxy first
                           crosses the level. Higher gold at the same proxy = less
                           overoptimisation.
+gold_vs_proxy.png and table.md use the fixed-key eval samples when every run logged them (else
+the epoch's samples): the table's levels start above the highest epoch-0 proxy, which on the
+epoch's own samples is as much sampling luck as policy.
 """
 import argparse
 import csv
@@ -36,8 +42,8 @@ ALGORITHMS = ("ddpo", "tdpo", "tdpo_r", "redo")
 PROXY_KEY = "reward/mean"
 GOLD_KEY = "eval/train_prompts/shapes_gold/mean"
 EXTRA_KEYS = {  # CSV column -> metrics key (absent -> empty cell)
-    "heldout_gold": "eval/heldout/shapes_gold/mean",
-    "heldout_proxy": "eval/heldout/shapes_proxy/mean",
+    "eval_gold": "eval/heldout/shapes_gold/mean",
+    "eval_proxy": "eval/heldout/shapes_proxy/mean",
     "kl_to_pretrained": "eval/heldout/kl_to_pretrained",
     "diversity": "eval/heldout/diversity",
 }
@@ -54,25 +60,10 @@ def load_shapes_config(arg):
 
 
 def apply_overrides(config, items):
-  """`key.path=value` items (values parsed as Python literals, else strings) onto `config`."""
-  import ast  # noqa: PLC0415
+  """`key.path=value` items (Python literals, else strings) onto `config`; ValueError if bad."""
+  from tdpo_jax import config_overrides  # noqa: PLC0415
   for item in items:
-    key, sep, text = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. sample.num_steps=10")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text
-    node, *parents = config, *key.split(".")[:-1]
-    for parent in parents:
-      if parent not in node:
-        raise ValueError(f"--set {item!r}: no config entry {key!r}")
-      node = node[parent]
-    leaf = key.split(".")[-1]
-    if leaf not in node:
-      raise ValueError(f"--set {item!r}: no config entry {key!r}")
-    node[leaf] = value
+    config_overrides.apply(config, item)
 
 
 def run_one(algorithm, seed, epochs, overrides, workdir):
@@ -87,7 +78,9 @@ def run_one(algorithm, seed, epochs, overrides, workdir):
   apply_overrides(config, overrides)
   rows = metrics_writer.read_metrics(workdir) if os.path.isdir(workdir) else []
   if len(rows) < epochs:
-    train.run(config, workdir)
+    if train.run(config, workdir).preempted:  # SIGTERM: stop here, not start the next run
+      raise SystemExit(f"stopped on SIGTERM during {workdir} (checkpoint saved); rerun the same "
+                       "command to resume")
     rows = metrics_writer.read_metrics(workdir)
   return rows
 
@@ -106,8 +99,13 @@ def to_records(algorithm, seed, rows):
   return records
 
 
-def mean_curves(records):
-  """{algorithm: (epochs, proxy mean, proxy std, gold mean, gold std)} over seeds."""
+def mean_curves(records, proxy="proxy", gold="gold"):
+  """{algorithm: (epochs, proxy mean, proxy std, gold mean, gold std)} over seeds.
+
+  `proxy` / `gold` name the record columns (the epoch's samples by default; "eval_proxy" /
+  "eval_gold" for the fixed-key samples).
+  """
+  proxy_column, gold_column = proxy, gold
   curves = {}
   for algorithm in dict.fromkeys(r["algorithm"] for r in records):
     rows = [r for r in records if r["algorithm"] == algorithm]
@@ -115,8 +113,8 @@ def mean_curves(records):
     # only epochs every seed reached, so a mean is over the same seeds throughout
     seeds = {r["seed"] for r in rows}
     epochs = [e for e in epochs if sum(r["epoch"] == e for r in rows) == len(seeds)]
-    proxy = np.array([[r["proxy"] for r in rows if r["epoch"] == e] for e in epochs])
-    gold = np.array([[r["gold"] for r in rows if r["epoch"] == e] for e in epochs])
+    proxy = np.array([[r[proxy_column] for r in rows if r["epoch"] == e] for e in epochs], float)
+    gold = np.array([[r[gold_column] for r in rows if r["epoch"] == e] for e in epochs], float)
     curves[algorithm] = (np.array(epochs), proxy.mean(1), proxy.std(1), gold.mean(1),
                          gold.std(1))
   return curves
@@ -167,33 +165,42 @@ def write_csv(path, records):
     writer.writerows(records)
 
 
-def plot(out, curves):
+def plot(out, curves, eval_curves=None):
+  """reward_vs_epoch.png (a second row for the fixed-key samples if `eval_curves`) and
+  gold_vs_proxy.png (of `eval_curves` if given, else of `curves`)."""
   import matplotlib  # noqa: PLC0415
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # noqa: PLC0415
-  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for algorithm, (epochs, proxy, proxy_std, gold, gold_std) in curves.items():
-    for axis, mean, std in ((axes[0], proxy, proxy_std), (axes[1], gold, gold_std)):
-      line, = axis.plot(epochs, mean, marker="o", markersize=3, label=algorithm)
-      axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-  for axis, name in zip(axes, ("proxy reward (trained on)", "gold reward (true)")):
-    axis.set_xlabel("epoch")
-    axis.set_ylabel(name)
-    axis.xaxis.get_major_locator().set_params(integer=True)
-    axis.grid(alpha=0.3)
-    axis.legend()
-  figure.suptitle("Shapes world: mean ± std over seeds, the epoch's own samples")
+  rows = [(curves, "the epoch's own samples")]
+  if eval_curves:
+    rows.append((eval_curves, "fixed-key samples of the eval prompts"))
+  figure, axes = plt.subplots(len(rows), 2, figsize=(11, 4 * len(rows)), squeeze=False)
+  for row, (row_curves, title) in zip(axes, rows):
+    for algorithm, (epochs, proxy, proxy_std, gold, gold_std) in row_curves.items():
+      for axis, mean, std in ((row[0], proxy, proxy_std), (row[1], gold, gold_std)):
+        line, = axis.plot(epochs, mean, marker="o", markersize=3, label=algorithm)
+        axis.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    for axis, name in zip(row, ("proxy reward (trained on)", "gold reward (true)")):
+      axis.set_title(f"{name}: {title}", fontsize=10)
+      axis.set_xlabel("epoch")
+      axis.set_ylabel(name.split(" (")[0])
+      axis.xaxis.get_major_locator().set_params(integer=True)
+      axis.grid(alpha=0.3)
+      axis.legend()
+  figure.suptitle("Shapes world: mean ± std over seeds")
   figure.tight_layout()
   figure.savefig(os.path.join(out, "reward_vs_epoch.png"), dpi=100)
   plt.close(figure)
 
   figure, axis = plt.subplots(figsize=(6, 4.5))
-  for algorithm, (_, proxy, _, gold, _) in curves.items():
+  for algorithm, (_, proxy, _, gold, _) in (eval_curves or curves).items():
     axis.plot(proxy, gold, marker="o", markersize=3, label=algorithm)
     axis.annotate("start", (proxy[0], gold[0]), fontsize=7)
   axis.set_xlabel("proxy reward")
   axis.set_ylabel("gold reward")
-  axis.set_title("Gold against proxy (mean over seeds, one point per epoch)")
+  axis.set_title("Gold against proxy (mean over seeds, one point per epoch)\n"
+                 + ("fixed-key eval samples" if eval_curves else "the epoch's own samples"),
+                 fontsize=10)
   axis.grid(alpha=0.3)
   axis.legend()
   figure.tight_layout()
@@ -248,8 +255,12 @@ def main(argv=None):
             f"{rows[args.epochs - 1][GOLD_KEY]:.4f} ({time.time() - tic:.0f} s)", flush=True)
   write_csv(os.path.join(args.out, "overoptimization.csv"), records)
   curves = mean_curves(records)
-  plot(args.out, curves)
-  table = matched_table(curves)
+  has_eval = all(r["eval_proxy"] != "" and r["eval_gold"] != "" for r in records)
+  eval_curves = mean_curves(records, "eval_proxy", "eval_gold") if has_eval else None
+  plot(args.out, curves, eval_curves)
+  table = (f"Samples: {'fixed-key eval samples' if has_eval else 'the epoch samples'}; "
+           f"{len(seeds)} seed(s), {args.epochs} epochs.\n\n"
+           + matched_table(eval_curves or curves))
   with open(os.path.join(args.out, "table.md"), "w") as file:
     file.write(table)
   print(table)

@@ -649,6 +649,11 @@ def summary_line(metrics):
     parts.append("dormant " + "/".join(f"{d:.2f}" for d in dormant))
   if "reset/num_reset" in metrics:
     parts.append(f"reset {int(metrics['reset/num_reset'])} neurons")
+  # Evaluation epochs: the mean of each eval reward on the fixed-key samples.
+  evaluated = sorted(k for k in metrics if k.startswith("eval/heldout/") and k.endswith("/mean"))
+  if evaluated:
+    parts.append("eval " + " ".join(
+        f"{k[len('eval/heldout/'):-len('/mean')]} {metrics[k]:.4f}" for k in evaluated))
   parts.append(f"{metrics['time/epoch_s']:.1f} s")
   return " | ".join(parts)
 

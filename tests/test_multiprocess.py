@@ -54,6 +54,9 @@ def _command(workdir, cache_dir, *extra):
           "--config.train.gradient_accumulation_steps=4",  # 10 steps x 16 samples / 8 = 20 micro
           f"--config.pretrained.cache_dir={cache_dir}",
           "--config.log.progress=False",
+          # Evaluation gathers images with the same `to_host` as training, which this test
+          # covers; off, it saves each of the three processes the eval kernels' compilation.
+          "--config.eval.every=0",
           *extra]
 
 

@@ -10,8 +10,9 @@ import pytest
 
 from tests import helpers
 
-REDUCED = ["num_devices=1", "sample.num_steps=4", "sample.batch_size=4", "sample.num_batches_per_epoch=1",
-           "train.batch_size=4", "train.gradient_accumulation_steps=1", "eval.num_prompts=2",
+REDUCED = ["num_devices=1", "sample.num_steps=4", "sample.batch_size=4",
+           "sample.num_batches_per_epoch=1", "train.batch_size=4",
+           "train.gradient_accumulation_steps=1", "eval.num_prompts=2",
            "eval.samples_per_prompt=2", "reset.period=1", "eval.kl_to_pretrained=False"]
 
 
@@ -83,6 +84,7 @@ def test_reduced_benchmark_end_to_end(tmp_path, capsys):
       (a, str(e)) for a in bench.ALGORITHMS for e in range(2)]
   for row in rows:
     assert np.isfinite(float(row["proxy"])) and 0.0 <= float(row["gold"]) <= 1.0
+    assert np.isfinite(float(row["eval_proxy"])) and 0.0 <= float(row["eval_gold"]) <= 1.0
   # Epoch 0 samples the pre-trained model with the same seed and key: every algorithm agrees.
   first = [(float(r["proxy"]), float(r["gold"])) for r in rows if r["epoch"] == "0"]
   np.testing.assert_allclose(first, [first[0]] * len(first), rtol=1e-6)
@@ -90,6 +92,8 @@ def test_reduced_benchmark_end_to_end(tmp_path, capsys):
     image = np.asarray(Image.open(tmp_path / name).convert("L"), np.float32)
     assert image.shape[0] >= 300 and image.shape[1] >= 400
     assert image.std() > 5  # lines and text, not a blank canvas
+  # Two rows of panels: the epoch's samples and the fixed-key eval samples (11 x 8 in at 100 dpi).
+  assert Image.open(tmp_path / "reward_vs_epoch.png").size == (1100, 800)
   table = (tmp_path / "table.md").read_text()
   for algorithm in bench.ALGORITHMS:
     assert f"| {algorithm} |" in table

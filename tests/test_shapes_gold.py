@@ -88,7 +88,7 @@ def test_gold_is_registered_as_a_reward():
 def test_shapes_config_uses_the_world():
   from tests import helpers  # pylint: disable=import-outside-toplevel
   config = helpers.load_config("shapes")
-  assert config.reward == "shapes_proxy" and config.prompts == "shapes_world"
+  assert config.reward == "shapes_proxy" and config.prompts == "shapes_train"
   assert "shapes_gold" in config.eval.rewards and config.eval.every == 1
   assert (config.sample.height, config.sample.width) == (world.IMAGE_SIZE, world.IMAGE_SIZE)
   gold_ddpo = helpers.load_config("shapes", "algorithm=ddpo,reward=gold")

@@ -86,3 +86,6 @@ def test_bad_attributes_raise():
 def test_shipped_prompt_set_is_the_world():
   from tdpo_jax import prompts as prompts_lib  # pylint: disable=import-outside-toplevel
   assert prompts_lib.load_prompts("shapes_world") == tuple(world.all_prompts())
+  # The RL prompts are world prompts: each parses, and the gold reward can score it.
+  train_prompts = prompts_lib.load_prompts("shapes_train")
+  assert len(train_prompts) == 8 and set(train_prompts) <= set(world.all_prompts())

@@ -4,7 +4,9 @@
 - Partition rules: the first match wins, the fallback replicates, "fsdp_largest" picks the largest
   divisible dim, an unmatched path is an error.
 - A batch that does not split over data x fsdp is an error naming both numbers.
-- The rollout and the train step on meshes (8, 1), (2, 4), (1, 8) equal one device within 1e-5.
+- The rollout and the train step on meshes (2, 4) and (1, 8) equal one device within 1e-5. (8, 1)
+  was dropped for CI time (~150 s): (2, 4) splits the batch over "data" already, and an 8-way
+  data mesh runs in the multi-process test (one process of 8 devices vs two of 4).
 """
 import jax
 import jax.numpy as jnp
@@ -186,7 +188,7 @@ def _flat(tree):
   return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
-@pytest.mark.parametrize("data,fsdp", [(8, 1), (2, 4), (1, 8)])
+@pytest.mark.parametrize("data,fsdp", [(2, 4), (1, 8)])
 def test_sharded_rollout_and_train_step_equal_one_device(one_device, data, fsdp):
   cache_dir, (_, trajectory_1, batch, state_1, metrics_1) = one_device
   config = _equivalence_config(cache_dir, _mesh_config(data, fsdp), -1)

@@ -158,3 +158,16 @@ def test_main_cli_reports_bad_config_in_one_line(tmp_path):
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith("error: unknown algorithm 'ppo'")
   assert "Traceback" not in result.stderr
+
+
+def test_summary_line_shows_eval_means_on_eval_epochs():
+  metrics = {"epoch": 3, "reward/mean": 0.875, "reward/std": 0.125, "policy/loss": -1e-3,
+             "policy/approx_kl": 2e-3, "policy/clipfrac": 0.5, "time/epoch_s": 12.34}
+  line = train.summary_line(metrics)
+  assert line == ("epoch 3 | reward 0.8750 ± 0.1250 | policy loss -1.00e-03 kl 2.0e-03 clip 0.50"
+                  " | 12.3 s")
+  metrics.update({"eval/heldout/shapes_proxy/mean": 0.5, "eval/heldout/shapes_proxy/std": 0.1,
+                  "eval/heldout/shapes_gold/mean": 0.25, "eval/heldout/kl_to_pretrained": 3.0,
+                  "eval/train_prompts/shapes_gold/mean": 0.75})
+  assert train.summary_line(metrics).endswith(
+      " | eval shapes_gold 0.2500 shapes_proxy 0.5000 | 12.3 s")

@@ -22,7 +22,6 @@ samples of fixed prompts (`eval`); after each evaluation the EMA weights are als
 `DIR/export` (a `load_pipeline` directory).
 """
 import argparse
-import ast
 import functools
 import importlib.util
 import json
@@ -40,6 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from tdpo_jax import config_overrides
 from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
 from tdpo_jax import rollout as rollout_lib
@@ -484,23 +484,6 @@ def export(workdir, out_dir, config, spec, weights="ema"):
   return size
 
 
-def _override(config, item):
-  """Applies one "a.b=value" override (value parsed as a Python literal) to the config."""
-  key, sep, text = item.partition("=")
-  try:
-    value = ast.literal_eval(text)
-    parent = config
-    *path, leaf = key.split(".")
-    for name in path:
-      parent = parent[name]
-    if not sep or leaf not in parent:
-      raise KeyError(key)
-  except (ValueError, SyntaxError, KeyError):
-    raise SystemExit(f"bad --set {item!r}; expected KEY=VALUE with KEY a pretrain_config() entry "
-                     "(e.g. unet.dataset_size) and VALUE a Python literal") from None
-  parent[leaf] = type(parent[leaf])(value)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True)
@@ -522,7 +505,11 @@ def main(argv=None):
   module = load_config_module(args.config)
   config, spec = module.pretrain_config(), module.shapes_model_spec()
   for item in args.set:
-    _override(config, item)
+    try:
+      config_overrides.apply(config, item, allow_strings=False)
+    except ValueError as error:
+      raise SystemExit(f"bad {error}; KEY is a pretrain_config() entry, e.g. "
+                       "unet.dataset_size") from None
   os.makedirs(args.workdir, exist_ok=True)
   if args.export:
     export(args.workdir, args.export, config, spec, args.export_weights)
