@@ -99,13 +99,12 @@ def to_records(algorithm, seed, rows):
   return records
 
 
-def mean_curves(records, proxy="proxy", gold="gold"):
+def mean_curves(records, proxy_column="proxy", gold_column="gold"):
   """{algorithm: (epochs, proxy mean, proxy std, gold mean, gold std)} over seeds.
 
-  `proxy` / `gold` name the record columns (the epoch's samples by default; "eval_proxy" /
-  "eval_gold" for the fixed-key samples).
+  The columns: the epoch's samples by default; "eval_proxy" / "eval_gold" for the fixed-key
+  samples.
   """
-  proxy_column, gold_column = proxy, gold
   curves = {}
   for algorithm in dict.fromkeys(r["algorithm"] for r in records):
     rows = [r for r in records if r["algorithm"] == algorithm]
