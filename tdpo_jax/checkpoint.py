@@ -13,7 +13,13 @@ The step number E is `state.epoch`, the number of completed epochs, so resuming 
 epoch index E next. Saves are atomic (orbax writes `<E>.orbax-checkpoint-tmp*` and renames it
 once complete), so a process killed mid-save leaves the previous step as the latest one; stale
 temporary directories are removed when the next manager opens the directory.
+
+One run per workdir: `workdir_lock` holds an exclusive lock on `<workdir>/.run.lock` while a run
+trains, so a second run started on the same workdir stops with an error instead of interleaving
+its metrics and checkpoints with the first one's.
 """
+import contextlib
+import fcntl
 import fnmatch
 import json
 import logging as python_logging
@@ -192,3 +198,27 @@ def check_compatible(saved_config, config, workdir):
         f"workdir {workdir!r} holds a checkpoint of an incompatible config ({listed}); expected "
         f"the same values (only {', '.join(RESUMABLE_KEY_PATTERNS)} may change), or use a new "
         "--workdir")
+
+
+LOCK_NAME = ".run.lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """Holds an exclusive, non-blocking lock on `<workdir>/.run.lock` (created if needed).
+
+  The OS drops the lock when its holder exits, however it exits, so a killed run leaves no stale
+  lock. Raises ValueError naming the workdir if another process (or another open run in this
+  one) holds it.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOCK_NAME), "a") as file:
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ValueError(f"workdir {workdir!r} is in use by another run (it holds "
+                       f"{LOCK_NAME}); wait for it or stop it, or use a new --workdir") from None
+    try:
+      yield
+    finally:
+      fcntl.flock(file, fcntl.LOCK_UN)

@@ -17,6 +17,7 @@ leaving the device for the reward.
   tdpo   : critic on; A_k = G_k - V(x_k), standardised; no reset.
   tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
 """
+import contextlib
 import os
 import signal
 import threading
@@ -725,6 +726,15 @@ def run(config, workdir):
     multihost_utils.sync_global_devices("tdpo_jax.run: read latest checkpoint")
   if meta is not None:  # also before anything is written
     checkpoint_lib.check_compatible(meta["config"], config, workdir)
+  # Process 0 writes the logs and coordinates the checkpoints: its lock stands for the run.
+  lock = (checkpoint_lib.workdir_lock(workdir) if jax.process_index() == 0
+          else contextlib.nullcontext())
+  with lock:
+    return _train_in_workdir(config, workdir)
+
+
+def _train_in_workdir(config, workdir):
+  """`run`'s body once the config is checked and the workdir is this run's."""
   trainer = Trainer(config)
   evaluator = evaluation.Evaluator(config, trainer)  # loads the eval rewards once (or nothing)
   if jax.process_index() == 0:  # only process 0 writes logs and images

@@ -5,6 +5,7 @@
   command again, gives the same metrics, bitwise, as an uninterrupted 4-epoch run.
 - SIGKILL in the middle of a save leaves the previous checkpoint restorable.
 - An incompatible config on resume is a one-line error naming the keys; num_epochs may change.
+- A second run on a workdir another run holds is a one-line error and writes nothing.
 - A NaN reward in epoch 2 (index 1) stops the run and keeps the epoch-1 checkpoint.
 """
 import json
@@ -118,6 +119,17 @@ def test_incompatible_config_is_a_one_line_error(trainer, cache_dir, tmp_path):
   assert "num_epochs" not in message.split("(only")[0]
   assert "max_to_keep" not in message and "progress" not in message
   assert sorted(os.listdir(tmp_path)) == before  # nothing written
+
+
+def test_second_run_on_a_busy_workdir_is_a_clear_error(cache_dir, tmp_path):
+  config = helpers.tiny_config(cache_dir, **SHRINK)
+  with checkpoint.workdir_lock(str(tmp_path)):  # a run in progress
+    with pytest.raises(ValueError, match=r"workdir .* is in use by another run"):
+      train.run(config, str(tmp_path))
+  assert os.listdir(tmp_path) == [checkpoint.LOCK_NAME]  # nothing of the second run written
+  # The refused run left the lock free: the next one takes it.
+  with checkpoint.workdir_lock(str(tmp_path)):
+    pass
 
 
 def test_config_differences_ignores_resumable_keys():
