@@ -135,11 +135,19 @@ def get_config(arg=None):
   # With train.timestep_fraction < 1: embed (and value) only the (sample, timestep) pairs the
   # train phase uses; advantages are then standardised over those pairs only.
   c.critic.embed_train_timesteps_only = False
+  # The frozen image tower the critic reads (tdpo_jax/critic_tower.py): "image_encoder" = the
+  # pipeline's CLIP image tower (pretrained.image_encoder; the paper's, for the aesthetic reward).
+  c.critic.tower = "image_encoder"
+  # The epoch line's "late" explained variance pools the last ceil(late_fraction x T) states.
+  c.critic.late_fraction = 0.3
 
   c.stats = ml_collections.ConfigDict()
   c.stats.buffer_size = 32
   c.stats.min_count = 16
   c.stats.eps = 1e-6
+  # True: each prompt's own statistics once it has min_count rewards (the paper's runs). False:
+  # always the batch's (DDPO's per_prompt_stat_tracking=False).
+  c.stats.per_prompt = True
 
   c.reset = ml_collections.ConfigDict()
   c.reset.period = 10  # reset after epochs with (epoch + 1) % period == 0

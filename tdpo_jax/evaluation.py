@@ -10,8 +10,8 @@ Every `eval.every` epochs (and after the last epoch), with `config.eval`:
     each, are sampled by the CURRENT policy with the fixed key `eval.seed` (so epochs are
     comparable, and a resumed run evaluates exactly as an uninterrupted one) and scored
     -> `eval/heldout/<reward>/{mean,std}`;
-  * diversity of prompt p: the mean over sample pairs i < j of the cosine distance of their CLIP
-    image embeddings (the critic's image encoder),
+  * diversity of prompt p: the mean over sample pairs i < j of the cosine distance of their
+    image embeddings by the critic's tower (`config.critic.tower`, critic_tower.py),
         div_p = 2 / (S (S - 1)) sum_{i<j} (1 - <e_i, e_j> / (|e_i| |e_j|)),
     -> `eval/heldout/diversity` = mean_p div_p;
   * with `eval.kl_to_pretrained`, the KL of the current policy's sampling path to the
@@ -46,7 +46,6 @@ from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rewards
 from tdpo_jax import rollout
 from tdpo_jax import sharding as sharding_lib
-from tdpo_jax.models import image_encoder as image_encoder_lib
 
 # Keeps 1 - cos finite for an all-zero embedding (such a pair counts as distance 1).
 NORM_EPS = 1e-12
@@ -160,15 +159,13 @@ class Evaluator:
     self.prompts = heldout_prompt_list(config)
     self.samples_per_prompt = config.eval.samples_per_prompt
     self.diversity = bool(config.eval.diversity)
-    pipeline = trainer.pipeline
-    if self.diversity and pipeline.image_encoder is None:
+    if self.diversity and trainer.tower is None:
       logging.warning("eval.diversity is on but the pipeline %r has no CLIP image encoder "
                       "(set pretrained.image_encoder); skipping diversity",
                       config.pretrained.model)
       self.diversity = False
     if self.diversity:
-      self.jit_embed_images = jax.jit(
-          lambda params, images: image_encoder_lib.embed_images(pipeline, params, images))
+      self.jit_embed_images = jax.jit(trainer.tower.embed_fn)
     self.kl_to_pretrained = bool(config.eval.kl_to_pretrained)
     if self.kl_to_pretrained:
       self.jit_path_kl = jax.jit(make_path_kl_fn(trainer.frozen_pipeline, config.sample))

@@ -4,6 +4,7 @@ Shape legend: B batch (samples), T DDIM steps; step index k = 0 is the first den
 (x_T -> x_{T-1}, t = 981 for T = 50), k = T-1 the last (x_1 -> x_0). C, h, w latent dims (NCHW).
 Every function here is pure and jittable; losses are means over all the entries they are given.
 """
+import jax
 import jax.numpy as jnp
 
 
@@ -128,6 +129,50 @@ def explained_variance(values, returns):
   returns_variance = jnp.var(returns)
   safe_variance = jnp.where(returns_variance > 0, returns_variance, 1.0)
   return jnp.where(returns_variance > 0, 1.0 - jnp.var(returns - values) / safe_variance, jnp.nan)
+
+
+def masked_explained_variance(values, returns, mask):
+  """Explained variance over the entries where `mask` is True: 1 - var_m(G - V) / var_m(G).
+
+  var_m is the population variance over the masked entries. NaN when var_m(G) = 0 (including
+  fewer than two masked entries).
+
+  Args:
+    values, returns: the same shape, V and G.
+    mask: bool, the same shape.
+
+  Returns:
+    a scalar.
+  """
+  weight = mask.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weight), 1.0)
+
+  def variance(x):
+    mean = jnp.sum(weight * x) / count
+    return jnp.sum(weight * (x - mean) ** 2) / count
+
+  returns_variance = variance(returns)
+  safe_variance = jnp.where(returns_variance > 0, returns_variance, 1.0)
+  return jnp.where(returns_variance > 0,
+                   1.0 - variance(returns - values) / safe_variance, jnp.nan)
+
+
+def explained_variance_by_step(values, returns, steps, num_steps):
+  """Explained variance of each denoising state separately (issue: a critic that learns only at
+  the late states shows there, while the all-states figure stays near 0).
+
+  EV_k = masked_explained_variance(V, G, steps == k), k = 0 (x_T) ... num_steps - 1 (x_1).
+
+  Args:
+    values, returns: (...) V and G of the epoch's (sample, state) entries.
+    steps: (...) int, the state index k of each entry.
+    num_steps: T.
+
+  Returns:
+    (T,) float32; NaN for a state with no entries or constant returns.
+  """
+  return jax.vmap(lambda k: masked_explained_variance(values, returns, steps == k))(
+      jnp.arange(num_steps))
 
 
 def clipped_value_loss(values, old_values, returns, clip_range):

@@ -76,7 +76,7 @@ def _add(state, prompt_index, rewards):
   return NormaliserState(buffer=buffer, count=count, pos=pos)
 
 
-def normalise(state, prompt_index, rewards, *, min_count, eps):
+def normalise(state, prompt_index, rewards, *, min_count, eps, per_prompt=True):
   """Adds a batch's rewards to the per-prompt buffers and normalises them (DESIGN §3).
 
   Equation: r~_i = (r_i - m_i) / (s_i + eps), where (m_i, s_i) are the mean and population std of
@@ -97,6 +97,8 @@ def normalise(state, prompt_index, rewards, *, min_count, eps):
     min_count: the number of stored rewards from which a prompt's own statistics are used
       (16 in DESIGN §3); must be <= N to ever be reached.
     eps: added to the std (1e-6 in DESIGN §3).
+    per_prompt: False = always the batch's statistics (DDPO's `per_prompt_stat_tracking=False`);
+      the buffers are still filled, so the state is the same either way.
 
   Returns:
     (new state, normalised rewards (B,) float32).
@@ -119,7 +121,7 @@ def normalise(state, prompt_index, rewards, *, min_count, eps):
   prompt_mean = jnp.sum(jnp.where(valid, stored, 0.0), axis=1) / denominator
   prompt_variance = jnp.sum(jnp.where(valid, (stored - prompt_mean[:, None])**2, 0.0),
                             axis=1) / denominator
-  use_prompt = stored_count >= min_count
+  use_prompt = (stored_count >= min_count) & per_prompt
   mean = jnp.where(use_prompt, prompt_mean, jnp.mean(rewards))
   std = jnp.where(use_prompt, jnp.sqrt(prompt_variance), jnp.std(rewards))
   return state, (rewards - mean) / (std + eps)

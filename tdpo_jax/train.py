@@ -18,6 +18,7 @@ leaving the device for the reward.
   tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
 """
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -32,6 +33,7 @@ import tqdm
 
 from tdpo_jax import checkpoint as checkpoint_lib
 from tdpo_jax import critic as critic_lib
+from tdpo_jax import critic_tower
 from tdpo_jax import ddim
 from tdpo_jax import evaluation
 from tdpo_jax import images as images_lib
@@ -45,7 +47,6 @@ from tdpo_jax import rollout
 from tdpo_jax import sharding as sharding_lib
 from tdpo_jax import stats
 from tdpo_jax import train_step as train_step_lib
-from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 
 ALGORITHMS = {
@@ -108,6 +109,9 @@ def validate_config(config):
                        f"{sorted(pipeline_lib.PRECISIONS)}")
   if config.reset.period < 1:
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
+  critic_tower.check_name(config.critic.tower)
+  if not 0 < config.critic.late_fraction <= 1:
+    raise ValueError(f"critic.late_fraction={config.critic.late_fraction} must be in (0, 1]")
   evaluation.validate_config(config)
   metrics_writer.check_config(config)  # W&B on but not installed
 
@@ -135,10 +139,6 @@ class Trainer:
         config.pretrained.model, cache_dir=config.pretrained.cache_dir,
         image_encoder=config.pretrained.image_encoder,
         tiny_spec=config.pretrained.get("tiny"))
-    if self.use_critic and self.pipeline.image_encoder is None:
-      raise ValueError(
-          f"algorithm {config.algorithm!r} needs a critic image encoder: none found in "
-          f"{config.pretrained.model!r} (set pretrained.image_encoder)")
     self.root_key = jax.random.key(config.seed)
     self.num_steps = config.sample.num_steps
     self.input_uncond = rollout.tokenize_prompts(self.pipeline, [""])[1]
@@ -157,6 +157,13 @@ class Trainer:
                                            frozen=precision.frozen)
     self.frozen_pipeline = pipeline_lib.with_precision(base_pipeline, unet=precision.frozen,
                                                        frozen=precision.frozen)
+    # The critic's frozen image tower (critic_tower.py; None: no image encoder, DDPO only).
+    self.tower = critic_tower.make_tower(config, self.frozen_pipeline)
+    if self.use_critic and self.tower is None:
+      raise ValueError(
+          f"algorithm {config.algorithm!r} needs a critic image encoder: none found in "
+          f"{config.pretrained.model!r} (set pretrained.image_encoder or critic.tower)")
+    tower_params = self.tower.params if self.tower is not None else None
     replicated = sharding_lib.replicated(mesh)
     rows = sharding_lib.batch_sharding(mesh)  # leading dim over ("data", "fsdp")
     self.jit_encode_text = jax.jit(
@@ -164,7 +171,7 @@ class Trainer:
     # Frozen models by the config's partition rules (paths "unet/...", "vae/...", ...).
     self.frozen_shardings = sharding_lib.tree_shardings(mesh, rules, train_step_lib.FrozenParams(
         unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
-        vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
+        vae=pipeline.vae_params, image_encoder=tower_params,
         uncond_embeds=jax.eval_shape(self.jit_encode_text, pipeline.text_encoder_params,
                                      self.input_uncond)))
     frozen_shardings = self.frozen_shardings
@@ -181,21 +188,17 @@ class Trainer:
         out_shardings=trajectory_shardings)
     self.jit_merge = jax.jit(lambda base, p: policy.unet_params(config.lora, base, p),
                              out_shardings=frozen_shardings.unet)
-    if pipeline.image_encoder is not None:
-      frozen_pipeline = self.frozen_pipeline
+    if self.tower is not None:
+      frozen_pipeline, tower = self.frozen_pipeline, self.tower
 
-      def embed_fn(vae_params, encoder_params, latents):
+      def embed_fn(vae_params, tower_params, latents):
         return critic_lib.embed_noisy_latents(
             lambda x: pipeline_lib.decode_latents(frozen_pipeline, vae_params, x),
-            lambda images: image_encoder_lib.embed_images(frozen_pipeline, encoder_params,
-                                                          images),
-            latents)
+            lambda images: tower.embed_fn(tower_params, images), latents)
       self.embed_fn = embed_fn
       self.jit_embed_states = jax.jit(self._embed_states)
       probe_image = jnp.zeros((1, config.sample.height, config.sample.width, 3), jnp.float32)
-      embed_dim = jax.eval_shape(
-          lambda p, x: image_encoder_lib.embed_images(pipeline, p, x),
-          pipeline.image_encoder_params, probe_image).shape[-1]
+      embed_dim = jax.eval_shape(tower.embed_fn, tower.params, probe_image).shape[-1]
     else:
       self.embed_fn = self.jit_embed_states = None
       embed_dim = 1
@@ -206,7 +209,8 @@ class Trainer:
         lambda params, embeds: self.critic.apply({"params": params}, embeds, deterministic=True))
     self.jit_normalise = jax.jit(
         lambda state, index, r: stats.normalise(
-            state, index, r, min_count=config.stats.min_count, eps=config.stats.eps))
+            state, index, r, min_count=config.stats.min_count, eps=config.stats.eps,
+            per_prompt=config.stats.per_prompt))
     # The state is born sharded: eval_shape -> rule shardings -> jit(init, out_shardings).
     init_fn = make_init_state_fn(config, self.critic, self.embed_dim, len(self.prompts),
                                  self.root_key)
@@ -257,7 +261,8 @@ class Trainer:
     uncond = self.jit_encode_text(text_encoder, self.input_uncond)
     return sharding_lib.put_tree(train_step_lib.FrozenParams(
         unet=pipeline.unet_params, text_encoder=text_encoder,
-        vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
+        vae=pipeline.vae_params,
+        image_encoder=self.tower.params if self.tower is not None else None,
         uncond_embeds=uncond), self.frozen_shardings)
 
   def init_state(self):
@@ -456,7 +461,7 @@ class Trainer:
     config = self.config
     normaliser, normalised = stats.normalise(
         state.normaliser, prompt_index, reward, min_count=config.stats.min_count,
-        eps=config.stats.eps)
+        eps=config.stats.eps, per_prompt=config.stats.per_prompt)
     returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
     metrics = {}
     if config.train.kl_mode == "return_penalty" and config.train.kl_coef > 0:
@@ -475,15 +480,17 @@ class Trainer:
       if train_only:
         embeds = self._embed(frozen, pairs(trajectory.latents[:, :-1]).reshape(
             (-1,) + trajectory.latents.shape[2:]))
-        returns_used = pairs(returns)
+        returns_used, steps_used = pairs(returns), step_index
       else:
         embeds = self._embed_states(frozen, trajectory.latents[:, :self.num_steps])
         returns_used = returns
+        steps_used = jnp.broadcast_to(jnp.arange(self.num_steps), returns.shape)
       values = self.critic.apply({"params": state.critic_params},
                                  embeds.reshape(-1, self.embed_dim), deterministic=True)
       values = values.reshape(returns_used.shape)
       embeds = embeds.reshape(returns_used.shape + (self.embed_dim,))
-      metrics["critic/explained_variance"] = objectives.explained_variance(values, returns_used)
+      metrics.update(explained_variance_metrics(values, returns_used, steps_used,
+                                                self.num_steps, config.critic.late_fraction))
       metrics["critic/value_mean"] = jnp.mean(values)
       advantages = objectives.advantages(returns_used, values, config.train.adv_eps)
       probe = self._probe(embeds, epoch)
@@ -636,6 +643,32 @@ def make_init_state_fn(config, critic, embed_dim, num_prompts, root_key):
   return init_fn
 
 
+def late_states(num_steps, late_fraction):
+  """The first state index of the "late" states: the last ceil(late_fraction T) of x_T .. x_1."""
+  return num_steps - max(1, math.ceil(late_fraction * num_steps))
+
+
+def explained_variance_metrics(values, returns, steps, num_steps, late_fraction):
+  """The critic's explained variance of the epoch's states, before the update (pure).
+
+  Args:
+    values, returns, steps: (...) V_old, G and the state index k (0 = x_T) of each entry.
+    num_steps: T.
+    late_fraction: the share of the last states pooled into the "late" figure.
+
+  Returns:
+    {"critic/explained_variance": all states, "critic/explained_variance/late": the states
+    k >= `late_states`, "critic/explained_variance/kNN": state k alone}.
+  """
+  metrics = {
+      "critic/explained_variance": objectives.explained_variance(values, returns),
+      "critic/explained_variance/late": objectives.masked_explained_variance(
+          values, returns, steps >= late_states(num_steps, late_fraction))}
+  by_step = objectives.explained_variance_by_step(values, returns, steps, num_steps)
+  metrics.update({f"critic/explained_variance/k{k:02d}": by_step[k] for k in range(num_steps)})
+  return metrics
+
+
 def summary_line(metrics):
   """One human-readable line per epoch (the full set goes to metrics.jsonl / TensorBoard)."""
   parts = [f"epoch {int(metrics['epoch'])}",
@@ -643,8 +676,11 @@ def summary_line(metrics):
            f"policy loss {metrics['policy/loss']:+.2e} kl {metrics['policy/approx_kl']:.1e} "
            f"clip {metrics['policy/clipfrac']:.2f}"]
   if "critic/value_loss" in metrics:
-    parts.append(f"value loss {metrics['critic/value_loss']:.4f} "
-                 f"ev {metrics['critic/explained_variance']:+.3f}")
+    part = (f"value loss {metrics['critic/value_loss']:.4f} "
+            f"ev {metrics['critic/explained_variance']:+.3f}")
+    if "critic/explained_variance/late" in metrics:
+      part += f" late {metrics['critic/explained_variance/late']:+.3f}"
+    parts.append(part)
   dormant = [metrics[k] for k in sorted(metrics) if k.startswith("reset/dormant_frac/l")]
   if dormant:
     parts.append("dormant " + "/".join(f"{d:.2f}" for d in dormant))

@@ -196,3 +196,29 @@ def test_return_kl_penalty():
   log_prob, ref_log_prob = rng.standard_normal((2, BATCH, STEPS))
   np.testing.assert_allclose(objectives.return_kl_penalty(*_float32(log_prob, ref_log_prob)),
                              0.5 * (log_prob - ref_log_prob)**2, rtol=RTOL, atol=ATOL)
+
+
+def test_masked_explained_variance_is_the_subset_ev():
+  rng = _rng(10)
+  values, returns = rng.standard_normal((2, 6, 5))
+  mask = rng.random((6, 5)) < 0.5
+  v, g = values[mask], returns[mask]
+  expected = 1.0 - np.var(g - v) / np.var(g)  # population variances over the subset
+  np.testing.assert_allclose(
+      objectives.masked_explained_variance(*_float32(values, returns), mask), expected,
+      rtol=1e-5)
+  assert np.isnan(objectives.masked_explained_variance(
+      *_float32(values, returns), np.zeros((6, 5), bool)))
+
+
+def test_explained_variance_by_step_hand_computed():
+  # Two states, four samples. State 0: V = 0, so EV 0. State 1: G = (1, -1, 1, -1),
+  # V = (1, -1, 0, 0): residuals (0, 0, 1, -1), var 0.5 against var(G) = 1, so EV 0.5.
+  returns = np.array([[2.0, 1.0], [-2.0, -1.0], [2.0, 1.0], [-2.0, -1.0]], np.float32)
+  values = np.array([[0.0, 1.0], [0.0, -1.0], [0.0, 0.0], [0.0, 0.0]], np.float32)
+  steps = np.broadcast_to(np.arange(2), (4, 2))
+  by_step = objectives.explained_variance_by_step(values, returns, steps, 2)
+  np.testing.assert_allclose(by_step, [0.0, 0.5], atol=1e-6)
+  # The pooled figure mixes both: var(G) = 2.5, var(G - V) = 2.125 + ... computed directly.
+  np.testing.assert_allclose(objectives.explained_variance(values, returns),
+                             1.0 - np.var(returns - values) / np.var(returns), rtol=1e-6)

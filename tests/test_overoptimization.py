@@ -1,8 +1,11 @@
-"""benchmarks/overoptimization.py: the matched-proxy arithmetic against hand-computed values, and
-the whole benchmark on a reduced setting (4 algorithms x 1 seed x 2 epochs, tiny rollouts)."""
+"""benchmarks/overoptimization.py: the matched-proxy and bootstrap arithmetic against hand-computed
+values, the argument and settings checks, and the whole benchmark on a reduced setting
+(ddpo and tdpo_r x 1 seed x 2 epochs, tiny rollouts)."""
 import csv
 import importlib.util
+import json
 import os
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -14,6 +17,8 @@ REDUCED = ["num_devices=1", "sample.num_steps=4", "sample.batch_size=4",
            "sample.num_batches_per_epoch=1", "train.batch_size=4",
            "train.gradient_accumulation_steps=1", "eval.num_prompts=2",
            "eval.samples_per_prompt=2", "reset.period=1", "eval.kl_to_pretrained=False"]
+REDUCED_STATES = 4  # sample.num_steps above: ev_k00 .. ev_k03
+MIN_IMAGE_STD = 5  # grey-level std of a PNG with lines and text (a blank canvas has ~0)
 
 
 def _benchmark():
@@ -22,6 +27,10 @@ def _benchmark():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def _cells(line):
+  return [cell.strip() for cell in line.split("|")[1:-1]]
 
 
 def test_first_crossing_interpolates_linearly():
@@ -34,6 +43,63 @@ def test_first_crossing_interpolates_linearly():
   assert bench.first_crossing(proxy, gold, 0.6) is None
 
 
+def test_peak_proxy_and_late_mean():
+  bench = _benchmark()
+  proxy = [0.1, 0.2, 0.3, 0.4, 0.5]
+  # gold rises, peaks at the third epoch (twice: the first maximum counts), then falls
+  assert bench.peak_proxy(proxy, [0.5, 0.7, 0.9, 0.9, 0.6]) == pytest.approx(0.3)
+  assert bench.peak_proxy(proxy, [np.nan, 0.7, np.nan, 0.2, 0.6]) == pytest.approx(0.2)
+  assert bench.peak_proxy(proxy, [np.nan] * 5) is None
+  assert bench.late_mean([9.0] + [1.0, 3.0] * 5) == pytest.approx(2.0)  # the last 10 only
+  assert bench.late_mean([np.nan, 2.0], epochs=2) == pytest.approx(2.0)
+  assert bench.late_mean([np.nan, np.nan]) is None
+
+
+def test_bootstrap_identical_seeds_is_the_point():
+  bench = _benchmark()
+  curve = np.array([0.1, 0.4, 0.3])
+  per_seed = {"gold": np.stack([curve] * 3, 1)}  # [E=3, S=3], every seed the same
+  assert bench.bootstrap(per_seed, lambda m: m["gold"].max()) == (
+      pytest.approx(0.4), pytest.approx(0.4), pytest.approx(0.4))
+  # a single seed: the interval is the point itself
+  assert bench.bootstrap({"gold": curve[:, None]}, lambda m: m["gold"][-1]) == (
+      pytest.approx(0.3), pytest.approx(0.3), pytest.approx(0.3))
+  assert bench.bootstrap(per_seed, lambda m: None) == (None, None, None)
+  low, high = bench.bootstrap_band(per_seed["gold"])
+  np.testing.assert_allclose(low, curve)
+  np.testing.assert_allclose(high, curve)
+
+
+def test_bootstrap_two_seeds():
+  bench = _benchmark()
+  # Seed 0's gold peaks at proxy 0.2, seed 1's at proxy 0.3 (proxy the same in both); the mean
+  # gold [0.5, 0.65, 0.6] peaks at 0.2.
+  proxy = np.array([[0.1, 0.1], [0.2, 0.2], [0.3, 0.3]])
+  gold = np.array([[0.5, 0.5], [0.9, 0.4], [0.4, 0.8]])
+  per_seed = {"proxy": proxy, "gold": gold}
+
+  def statistic(m):
+    return bench.peak_proxy(m["proxy"], m["gold"])
+
+  point, low, high = bench.bootstrap(per_seed, statistic)
+  assert point == pytest.approx(0.2)  # the statistic of the mean curve
+  # 1000 resamples of 2 seeds: ~1/4 are seed 0 twice, ~1/4 seed 1 twice, so the 2.5 / 97.5
+  # percentiles are exactly the per-seed statistics.
+  assert (low, high) == (pytest.approx(0.2), pytest.approx(0.3))
+  point, low, high = bench.bootstrap(per_seed, lambda m: m["gold"][-1])
+  assert point == pytest.approx(0.6) and (low, high) == (pytest.approx(0.4), pytest.approx(0.8))
+  # a level only seed 0's proxy reaches: the resamples without seed 0 are left out
+  per_seed = {"proxy": np.array([[0.0, 0.0], [0.4, 0.2]]), "gold": gold[:2]}
+  point, low, high = bench.bootstrap(
+      per_seed, lambda m: bench.first_crossing(m["proxy"], m["gold"], 0.3))
+  # mean proxy 0 -> 0.3 reaches 0.3 at the end: gold 0.65; seed 0 twice: proxy 0 -> 0.4 reaches
+  # it 3/4 of the way, gold 0.5 -> 0.9 -> 0.8; seed 1 twice never does.
+  assert point == pytest.approx(0.65)
+  assert (low, high) == (pytest.approx(0.65), pytest.approx(0.8))
+  assert bench.format_interval((0.8123, 0.79, 0.83101)) == "0.8123 [0.7900, 0.8310]"
+  assert bench.format_interval((None, None, None)) == "n/a"
+
+
 def test_matched_table_values():
   bench = _benchmark()
   # a: proxy 0 -> 0.3 with gold flat; b: proxy 0.1 -> 0.2 with gold falling 1 -> 0.
@@ -41,64 +107,160 @@ def test_matched_table_values():
   for epoch, (pa, pb, gb) in enumerate([(0.0, 0.1, 1.0), (0.3, 0.2, 0.0)]):
     for seed, shift in ((0, -0.01), (1, 0.01)):  # two seeds, symmetric around the values
       records.append(dict(algorithm="a", seed=seed, epoch=epoch, proxy=pa + shift, gold=0.5))
-      records.append(dict(algorithm="b", seed=seed, epoch=epoch, proxy=pb + shift, gold=gb))
+      records.append(dict(algorithm="b", seed=seed, epoch=epoch, proxy=pb + shift, gold=gb,
+                          ev_late=0.25 * (seed + 1)))
   curves = bench.mean_curves(records)
-  np.testing.assert_allclose(curves["b"][1], [0.1, 0.2])
-  np.testing.assert_allclose(curves["b"][2], [0.01, 0.01])
-  table = bench.matched_table(curves)
+  np.testing.assert_allclose(curves["b"].mean("proxy"), [0.1, 0.2])
+  np.testing.assert_allclose(curves["b"].values["proxy"], [[0.09, 0.11], [0.19, 0.21]])
+  np.testing.assert_allclose(curves["b"].epochs, [0, 1])
+  assert not curves["a"].has("ev_late") and curves["b"].has("ev_late")
+  table = bench.matched_table(curves, proxy="proxy", golds=("gold",))
   # Levels: from the highest start (0.1) to the lowest maximum (0.2), in 3 steps.
   lines = table.strip().splitlines()
-  assert "gold @ proxy 0.1333" in lines[0] and "gold @ proxy 0.2000" in lines[0]
-  row_b = [cell.strip() for cell in lines[3].split("|")[1:-1]]
-  # b's gold at proxy 0.1333 (1/3 of its way) = 2/3; 0.1667 -> 1/3; 0.2 -> 0; epoch 1.0.
-  assert row_b == ["b", "0.6667", "0.3333", "0.0000", "1.0", "0.2000", "0.0000"]
-  row_a = [cell.strip() for cell in lines[2].split("|")[1:-1]]
-  assert row_a[:5] == ["a", "0.5000", "0.5000", "0.5000", "0.7"]  # proxy 0.2 at epoch 2/3
+  assert _cells(lines[0]) == ["algorithm", "gold @ proxy 0.1333", "gold @ proxy 0.1667",
+                              "gold @ proxy 0.2000", "epoch @ proxy 0.2000"]
+  # b's gold at proxy 0.1333 (1/3 of its way) = 2/3; 0.1667 -> 1/3; 0.2 -> 0; epoch 1.0. Resampled
+  # seeds shift b's proxy by up to 0.01, so the interval of gold spans +-0.1 around it.
+  row_b = _cells(lines[3])
+  assert [cell.split(" [")[0] for cell in row_b] == ["b", "0.6667", "0.3333", "0.0000", "1.0"]
+  assert row_b[1] == "0.6667 [0.5667, 0.7667]"
+  row_a = _cells(lines[2])
+  assert row_a[1] == "0.5000 [0.5000, 0.5000]"  # gold is flat: every resample agrees
+  assert row_a[4].startswith("0.7 [")  # proxy 0.2 at epoch 2/3
+  second = lines.index("") + 1
+  assert _cells(lines[second]) == ["algorithm", "proxy @ peak gold", "final proxy",
+                                   "final gold", "late EV (last 10 epochs)"]
+  row_b = _cells(lines[second + 3])
+  assert row_b[1] == "0.1000 [0.0900, 0.1100]"  # b's gold peaks at its first epoch
+  assert row_b[2] == "0.2000 [0.1900, 0.2100]" and row_b[3] == "0.0000 [0.0000, 0.0000]"
+  assert row_b[4] == "0.3750 [0.2500, 0.5000]"  # seeds' late EV 0.25 and 0.5
+  assert _cells(lines[second + 2])[4] == "n/a"  # a has no critic
 
 
 def test_no_common_gain_is_said():
   bench = _benchmark()
   records = [dict(algorithm=a, seed=0, epoch=e, proxy=p, gold=0.0)
              for a, ps in (("a", (0.5, 0.4)), ("b", (0.1, 0.2))) for e, p in enumerate(ps)]
-  assert "No proxy level above 0.5000" in bench.matched_table(bench.mean_curves(records))
+  table = bench.matched_table(bench.mean_curves(records), proxy="proxy", golds=("gold",))
+  assert "No proxy level above 0.5000" in table
+  assert "| b | 0.1000 [0.1000, 0.1000] |" in table  # the peaks table is still there
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
   bench = _benchmark()
-  with pytest.raises(SystemExit, match="unknown 'ppo'"):
-    bench.main(["--out", str(tmp_path), "--algorithms", "ddpo,ppo"])
-  with pytest.raises(SystemExit, match="no config entry 'sample.nope'"):
-    bench.main(["--out", str(tmp_path), "--set", "sample.nope=1"])
+  out = ["--out", str(tmp_path)]
+  for argv, message in (
+      (["--algorithms", "ddpo,ppo"], "unknown 'ppo'"),
+      (["--set", "sample.nope=1"], "no config entry 'sample.nope'"),
+      (["--preset", "pickscore"], "--preset='pickscore'; expected one of"),
+      (["--epochs", "1"], "--epochs=1; expected >= 2"),
+      (["--epochs", "ten"], "--epochs='ten'; expected an integer"),
+      (["--seeds", "0,0"], "0 twice"),
+      (["--seeds", ""], "--seeds is empty"),
+      (["--set", "eval.every=2"], "eval.every=2; expected 1"),
+      (["--set", "eval.rewards=('shapes_gold',)"], "lacks 'shapes_aesthetic'")):
+    with pytest.raises(SystemExit, match=message) as error:
+      bench.main(out + argv)
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
   assert not os.listdir(tmp_path)
+
+
+def test_settings_mismatch_is_refused_before_any_run(tmp_path):
+  bench = _benchmark()
+  settings = {"preset": "aesthetic", "epochs": 5, "set": ["sample.num_steps=4"]}
+  (tmp_path / "settings.json").write_text(json.dumps(settings))
+  for argv, message in ((["--preset", "gold"], "holds preset 'aesthetic'"),
+                        (["--set", "sample.num_steps=5"], "holds --set"),
+                        (["--epochs", "3", "--set", "sample.num_steps=4"], "5-epoch runs")):
+    with pytest.raises(SystemExit, match=message) as error:
+      bench.main(["--out", str(tmp_path), "--epochs", "5"] + argv)
+    assert "\n" not in str(error.value)
+  assert os.listdir(tmp_path) == ["settings.json"]
+  # rows of another preset without a settings.json
+  rows = tmp_path / "other" / "rows"
+  rows.mkdir(parents=True)
+  bench.write_csv(str(rows / "ddpo_seed0.csv"), [dict(preset="gold", algorithm="ddpo", seed=0,
+                                                      epoch=0)])
+  with pytest.raises(SystemExit, match="holds preset 'gold' rows"):
+    bench.main(["--out", str(tmp_path / "other")])
 
 
 def test_reduced_benchmark_end_to_end(tmp_path, capsys):
   bench = _benchmark()
-  args = ["--out", str(tmp_path), "--seeds", "0", "--epochs", "2"]
+  out, results = tmp_path / "out", tmp_path / "results"
+  args = ["--out", str(out), "--results", str(results), "--algorithms", "ddpo,tdpo_r",
+          "--seeds", "0", "--epochs", "2"]
   for item in REDUCED:
     args += ["--set", item]
   bench.main(args)
-  with open(tmp_path / "overoptimization.csv") as file:
-    rows = list(csv.DictReader(file))
-  assert [(r["algorithm"], r["epoch"]) for r in rows] == [
-      (a, str(e)) for a in bench.ALGORITHMS for e in range(2)]
+  printed = capsys.readouterr().out
+  assert "run 1/2: ddpo seed 0 (from scratch)" in printed
+  assert "run 2/2: tdpo_r seed 0 (from scratch)" in printed
+  assert sorted(os.listdir(out)) == ["runs"]  # everything else goes to --results
+  assert json.loads((results / "settings.json").read_text()) == {
+      "preset": "aesthetic", "epochs": 2, "set": REDUCED}
+  assert sorted(os.listdir(results / "rows")) == ["ddpo_seed0.csv", "tdpo_r_seed0.csv"]
+  with open(results / "overoptimization.csv") as file:
+    reader = csv.DictReader(file)
+    rows = list(reader)
+  states = [f"ev_k{k:02d}" for k in range(REDUCED_STATES)]
+  assert reader.fieldnames == [
+      "preset", "algorithm", "seed", "epoch", "proxy", "gold", "gold_fidelity", "gold_quality",
+      "eval_proxy", "eval_gold", "eval_gold_fidelity", "eval_gold_quality", "eval_prompt_proxy",
+      "eval_aesthetic", "kl_to_pretrained", "diversity", "ev", "ev_late", *states,
+      "dormant_l0", "dormant_l1", "dormant_l2", "dormant_l3", "num_reset", "approx_kl",
+      "clipfrac", "epoch_s", "eval_s"]
+  assert [(r["preset"], r["algorithm"], r["seed"], r["epoch"]) for r in rows] == [
+      ("aesthetic", a, "0", str(e)) for a in ("ddpo", "tdpo_r") for e in range(2)]
+  critic = ["ev", "ev_late", *states, "dormant_l0", "dormant_l1", "dormant_l2", "dormant_l3",
+            "num_reset"]  # reset.period=1: a reset every epoch
   for row in rows:
-    assert np.isfinite(float(row["proxy"])) and 0.0 <= float(row["gold"]) <= 1.0
-    assert np.isfinite(float(row["eval_proxy"])) and 0.0 <= float(row["eval_gold"]) <= 1.0
-  # Epoch 0 samples the pre-trained model with the same seed and key: every algorithm agrees.
+    for column in ("proxy", "gold", "gold_fidelity", "gold_quality", "eval_proxy", "eval_gold",
+                   "eval_gold_fidelity", "eval_gold_quality", "eval_prompt_proxy",
+                   "eval_aesthetic", "diversity", "approx_kl", "clipfrac", "epoch_s", "eval_s"):
+      assert np.isfinite(float(row[column])), (row["algorithm"], column)
+    for column in ("gold", "eval_gold", "eval_gold_fidelity", "eval_gold_quality"):
+      assert 0.0 <= float(row[column]) <= 1.0
+    assert row["eval_proxy"] == row["eval_aesthetic"]  # preset aesthetic: the trained reward
+    assert row["kl_to_pretrained"] == ""  # eval.kl_to_pretrained=False
+    for column in critic:
+      if row["algorithm"] == "ddpo":
+        assert row[column] == "", column
+      else:
+        assert np.isfinite(float(row[column])), column
+  # Epoch 0 samples the pre-trained model with the same seed and key: both algorithms agree.
   first = [(float(r["proxy"]), float(r["gold"])) for r in rows if r["epoch"] == "0"]
   np.testing.assert_allclose(first, [first[0]] * len(first), rtol=1e-6)
-  for name in ("reward_vs_epoch.png", "gold_vs_proxy.png"):
-    image = np.asarray(Image.open(tmp_path / name).convert("L"), np.float32)
-    assert image.shape[0] >= 300 and image.shape[1] >= 400
-    assert image.std() > 5  # lines and text, not a blank canvas
-  # Two rows of panels: the epoch's samples and the fixed-key eval samples (11 x 8 in at 100 dpi).
-  assert Image.open(tmp_path / "reward_vs_epoch.png").size == (1100, 800)
-  table = (tmp_path / "table.md").read_text()
-  for algorithm in bench.ALGORITHMS:
+  with open(results / "rows" / "tdpo_r_seed0.csv") as file:
+    assert list(csv.DictReader(file)) == rows[2:]
+  sizes = {"reward_vs_epoch.png": (1100, 800), "gold_vs_proxy.png": (1100, 450),
+           "critic.png": (1100, 800), "kl_diversity.png": (1100, 450)}
+  for name, size in sizes.items():
+    image = Image.open(results / name)
+    assert image.size == size, name
+    assert np.asarray(image.convert("L"), np.float32).std() > MIN_IMAGE_STD, name
+  table = (results / "table.md").read_text()
+  assert "RL maximises shapes_aesthetic" in table and "1 seed(s) x 2 epochs" in table
+  for algorithm in ("ddpo", "tdpo_r"):
     assert f"| {algorithm} |" in table
-  assert table in capsys.readouterr().out
-  # A rerun finds the finished runs and only rewrites the outputs.
-  stamp = os.path.getmtime(tmp_path / "runs" / "ddpo_seed0" / "metrics.jsonl")
+  assert table in printed
+  late_ev = [_cells(line)[-1] for line in table.splitlines() if line.startswith("| tdpo_r |")]
+  assert late_ev[-1] != "n/a" and "[" in late_ev[-1]
+
+  # A new machine: the committed results survive, the checkpoints do not. Both runs are skipped.
+  shutil.rmtree(out)
+  stamps = {name: os.path.getmtime(results / "rows" / name)
+            for name in os.listdir(results / "rows")}
   bench.main(args)
-  assert os.path.getmtime(tmp_path / "runs" / "ddpo_seed0" / "metrics.jsonl") == stamp
+  printed = capsys.readouterr().out
+  assert "run 1/2: ddpo seed 0 (skipped: rows/ddpo_seed0.csv holds 2 epochs)" in printed
+  assert "run 2/2: tdpo_r seed 0 (skipped" in printed
+  assert not out.exists()
+  assert stamps == {name: os.path.getmtime(results / "rows" / name) for name in stamps}
+  assert (results / "table.md").read_text() == table  # regenerated from the same rows
+
+  # Another --set list on the same results: refused before anything runs.
+  with pytest.raises(SystemExit, match="holds --set") as error:
+    bench.main(args + ["--set", "train.learning_rate=0.01"])
+  assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
+  assert not out.exists()

@@ -85,11 +85,30 @@ def test_gold_is_registered_as_a_reward():
                              gold.gold_reward(images / 255.0, prompts))
 
 
+def test_gold_terms_are_registered_rewards():
+  from tdpo_jax import rewards  # pylint: disable=import-outside-toplevel
+  images, prompts = world.batch(0, 2, 3)
+  images = images / 255.0
+  fidelity = rewards.make_reward_fn("shapes_gold_fidelity", None)(images, prompts)
+  quality = rewards.make_reward_fn("shapes_gold_quality", None)(images, prompts)
+  scores = [gold.score(image, text) for image, text in zip(images, prompts)]
+  np.testing.assert_allclose(fidelity, [s["fidelity"] for s in scores], rtol=1e-6)
+  np.testing.assert_allclose(quality, [s["quality"] for s in scores], rtol=1e-6)
+  np.testing.assert_allclose((1 - gold.QUALITY_WEIGHT) * fidelity + gold.QUALITY_WEIGHT * quality,
+                             gold.gold_reward(images, prompts), rtol=1e-5)
+
+
 def test_shapes_config_uses_the_world():
   from tests import helpers  # pylint: disable=import-outside-toplevel
   config = helpers.load_config("shapes")
-  assert config.reward == "shapes_proxy" and config.prompts == "shapes_train"
-  assert "shapes_gold" in config.eval.rewards and config.eval.every == 1
+  assert config.reward == "shapes_aesthetic" and config.prompts == "shapes_train"
+  assert config.critic.tower == "shapes_aesthetic"
+  assert {"shapes_gold", "shapes_gold_fidelity", "shapes_gold_quality", "shapes_proxy"} <= set(
+      config.eval.rewards) and config.eval.every == 1
+  proxy = helpers.load_config("shapes", "reward=proxy")
+  assert (proxy.reward, proxy.critic.tower) == ("shapes_proxy", "image_encoder")
+  kl = helpers.load_config("shapes", "algorithm=ddpo_kl")
+  assert (kl.algorithm, kl.train.kl_mode) == ("ddpo", "gaussian") and kl.train.kl_coef > 0
   assert (config.sample.height, config.sample.width) == (world.IMAGE_SIZE, world.IMAGE_SIZE)
   gold_ddpo = helpers.load_config("shapes", "algorithm=ddpo,reward=gold")
   assert (gold_ddpo.reward, gold_ddpo.algorithm) == ("shapes_gold", "ddpo")

@@ -101,6 +101,12 @@ def test_min_count_threshold_boundary():
   assert int(logged["stats/num_prompts_seen"]) == 2
   assert int(logged["stats/num_prompts_ready"]) == 1
   np.testing.assert_allclose(logged["stats/mean_buffer_count"], 3.5)
+  # per_prompt=False: the batch's statistics for every sample; the buffers fill the same way.
+  batch_state, batch_only = stats.normalise(stats.init_normaliser(2, 8), prompt_index, rewards,
+                                            min_count=min_count, eps=EPS, per_prompt=False)
+  np.testing.assert_allclose(batch_only, (rewards - rewards.mean()) / (rewards.std() + EPS),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(batch_state.buffer, state.buffer)
 
 
 def test_state_is_a_pytree_with_fixed_shapes():

@@ -171,3 +171,20 @@ def test_summary_line_shows_eval_means_on_eval_epochs():
                   "eval/train_prompts/shapes_gold/mean": 0.75})
   assert train.summary_line(metrics).endswith(
       " | eval shapes_gold 0.2500 shapes_proxy 0.5000 | 12.3 s")
+  metrics.update({"critic/value_loss": 0.25, "critic/explained_variance": 0.0625,
+                  "critic/explained_variance/late": 0.5})
+  assert " | value loss 0.2500 ev +0.062 late +0.500 | " in train.summary_line(metrics)
+
+
+def test_explained_variance_metrics_per_state_and_late():
+  # T = 4 states; the critic is exact at the last two states only and 0 before.
+  returns = np.tile(np.array([[1.0], [-1.0], [3.0], [-3.0]], np.float32), (1, 4))
+  values = np.concatenate([np.zeros((4, 2), np.float32), returns[:, 2:]], axis=1)
+  steps = np.broadcast_to(np.arange(4), (4, 4))
+  metrics = jax.device_get(train.explained_variance_metrics(values, returns, steps, 4, 0.5))
+  np.testing.assert_allclose([metrics[f"critic/explained_variance/k{k:02d}"] for k in range(4)],
+                             [0.0, 0.0, 1.0, 1.0], atol=1e-6)
+  np.testing.assert_allclose(metrics["critic/explained_variance/late"], 1.0, atol=1e-6)
+  np.testing.assert_allclose(metrics["critic/explained_variance"], 0.5, atol=1e-6)
+  assert train.late_states(10, 0.3) == 7 and train.late_states(10, 0.01) == 9
+  assert train.late_states(4, 1.0) == 0

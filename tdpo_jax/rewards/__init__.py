@@ -13,6 +13,7 @@ Two kinds of rewards:
       hpsv2       config.rewards.hpsv2.checkpoint (converted .safetensors), .clip_config (dir)
       imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model)
       shapes_proxy config.rewards.shapes_proxy.weights (`python -m tdpo_jax.shapes.proxy` msgpack)
+      shapes_aesthetic config.rewards.shapes_aesthetic.weights (`python -m tdpo_jax.shapes.aesthetic`)
 Every CLIP directory entry (aesthetic.clip, pickscore.model/.processor, hpsv2.clip_config) may
 also be a hub id "org/name", downloaded on first use; the .safetensors entries are local files.
 `make_reward_fn` handles both kinds, so callers use it for every name.
@@ -23,6 +24,7 @@ from tdpo_jax.rewards import host_callback
 from tdpo_jax.rewards import hpsv2
 from tdpo_jax.rewards import jpeg
 from tdpo_jax.rewards import pickscore
+from tdpo_jax.shapes import aesthetic as shapes_aesthetic
 from tdpo_jax.shapes import gold as shapes_gold
 from tdpo_jax.shapes import proxy as shapes_proxy
 
@@ -31,6 +33,9 @@ _REGISTRY = {
     "jpeg_incompressibility": jpeg.jpeg_incompressibility,
     # The shapes world's analytical reward (prompt fidelity + image quality; shapes/gold.py).
     "shapes_gold": shapes_gold.gold_reward,
+    # Its two terms alone: the cross-reward curves of an aesthetic-proxy run.
+    "shapes_gold_fidelity": shapes_gold.gold_fidelity,
+    "shapes_gold_quality": shapes_gold.gold_quality,
 }
 
 
@@ -46,6 +51,7 @@ _MODEL_REWARDS = {
     "hpsv2": (hpsv2.make_reward_fn, ("checkpoint", "clip_config")),
     "imagereward": (_imagereward, ("model", "device")),
     "shapes_proxy": (shapes_proxy.make_reward_fn, ("weights",)),
+    "shapes_aesthetic": (shapes_aesthetic.make_reward_fn, ("weights",)),
 }
 # The keys that name a transformers model directory: a local directory or a hub id "org/name"
 # (downloaded into cache_dir, or the hub cache); "" stays "" (the builder's default).

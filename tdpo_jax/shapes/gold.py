@@ -165,6 +165,24 @@ def gold_reward(images, prompts, quality_weight=QUALITY_WEIGHT):
                      for image, text in zip(images, prompts)], np.float32)
 
 
+def gold_fidelity(images, prompts):
+  """The fidelity term of gold alone: (B, S, S, 3) images, B prompts -> (B,) float32 in [0, 1]."""
+  return _score_term(images, prompts, "fidelity")
+
+
+def gold_quality(images, prompts):
+  """The quality term of gold alone (prompt-independent): -> (B,) float32 in [0, 1]."""
+  return _score_term(images, prompts, "quality")
+
+
+def _score_term(images, prompts, key):
+  images = np.asarray(images)
+  if len(images) != len(prompts):
+    raise ValueError(f"{len(images)} images but {len(prompts)} prompts; expected one each")
+  return np.asarray([score(image, text)[key] for image, text in zip(images, prompts)],
+                    np.float32)
+
+
 def attribute_rates(images, prompts, quality_weight=QUALITY_WEIGHT):
   """Mean colour / shape / count / position scores, fidelity, quality and gold over a batch.
 
