@@ -7,11 +7,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name="tiny", arg=None):
   """`configs/<name>.py`'s get_config(arg), loaded by path as `main.py` does."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  return load_script(os.path.join("configs", f"{name}.py"), f"config_{name}").get_config(arg)
+
+
+def load_script(relative_path, name):
+  """A script of the repo (e.g. "benchmarks/critic_fit.py") imported as module `name`."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return module
 
 
 def tiny_config(cache_dir, **overrides):

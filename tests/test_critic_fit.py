@@ -1,8 +1,6 @@
 """benchmarks/critic_fit.py's pure helpers against closed forms (the script itself samples a
 pipeline; the README/docs report its runs)."""
 import functools
-import importlib.util
-import os
 
 import numpy as np
 
@@ -11,11 +9,7 @@ from tests import helpers
 
 @functools.lru_cache(maxsize=None)  # once: the script defines absl flags at import
 def _critic_fit():
-  path = os.path.join(helpers.REPO, "benchmarks", "critic_fit.py")
-  spec = importlib.util.spec_from_file_location("critic_fit", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("benchmarks/critic_fit.py", "critic_fit")
 
 
 def test_affine_fit_recovers_an_affine_map_and_ev_is_one():

@@ -2,7 +2,6 @@
 values, the argument and settings checks, and the whole benchmark on a reduced setting
 (ddpo and tdpo_r x 1 seed x 2 epochs, tiny rollouts)."""
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -22,11 +21,7 @@ MIN_IMAGE_STD = 5  # grey-level std of a PNG with lines and text (a blank canvas
 
 
 def _benchmark():
-  path = os.path.join(helpers.REPO, "benchmarks", "overoptimization.py")
-  spec = importlib.util.spec_from_file_location("overoptimization", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return helpers.load_script("benchmarks/overoptimization.py", "overoptimization")
 
 
 def _cells(line):

@@ -22,7 +22,6 @@ as the paper's critic reads the aesthetic predictor's CLIP tower (`make_tower`).
 
   python -m tdpo_jax.shapes.aesthetic --out aesthetic.msgpack [--examples 3000 --steps 3000]
 """
-import argparse
 import logging
 import time
 
@@ -30,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from tdpo_jax.models import convert
 from tdpo_jax.shapes import gold
@@ -38,6 +36,7 @@ from tdpo_jax.shapes import proxy
 from tdpo_jax.shapes import world
 
 NORM_EPS = 1e-12  # floor on ||t(x)||, so an all-zero trunk output does not divide by 0
+DEFAULT_EXAMPLES = 3000  # labelled renders of `python -m tdpo_jax.shapes.aesthetic`
 
 
 class AestheticNet(nn.Module):
@@ -93,24 +92,8 @@ def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
   images, labels = labelled_set(seed, examples)
   net = AestheticNet()
   params = net.init(jax.random.key(seed), images[:1])["params"]
-  optimizer = optax.adam(learning_rate)
-  opt_state = optimizer.init(params)
-
-  @jax.jit
-  def step(params, opt_state, x, y):
-    def loss_fn(p):
-      return jnp.mean((net.apply({"params": p}, x) - y) ** 2)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng = np.random.default_rng(seed + 1)
-  losses = []
-  for _ in range(steps):
-    index = rng.integers(examples, size=batch_size)
-    params, opt_state, loss = step(params, opt_state, images[index], labels[index])
-    losses.append(loss)
-  return params, float(np.mean(jax.device_get(losses[-100:])))
+  return proxy.fit_regression(net, params, (images,), labels, steps, seed, batch_size,
+                              learning_rate)
 
 
 def load_params(weights):
@@ -154,14 +137,7 @@ def held_out_correlation(weights, seed=1000, size=1000):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="msgpack file to write")
-  parser.add_argument("--examples", type=int, default=3000, help="size of the labelled set")
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.examples < 1 or args.steps < 1:
-    parser.error(f"--examples={args.examples} --steps={args.steps}; expected positive integers")
+  args = proxy.parse_fit_args(__doc__.splitlines()[0], DEFAULT_EXAMPLES, argv)
   start = time.time()
   params, loss = train(args.seed, args.examples, args.steps)
   convert.save_msgpack(params, args.out)

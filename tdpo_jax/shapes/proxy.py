@@ -34,6 +34,7 @@ PROB_NOISE, NOISE_STD = 0.3, 0.2
 PROB_TINT, TINT_RANGE = 0.3, (0.7, 1.0)
 PROB_BLUR, BLUR_SIGMA = 0.2, (0.5, 1.5)
 PROB_BLANK = 0.05
+DEFAULT_EXAMPLES = 4000  # labelled renders of `python -m tdpo_jax.shapes.proxy`
 
 
 class ProxyNet(nn.Module):
@@ -118,19 +119,28 @@ def labelled_set(seed, size):
   return np.stack(images).astype(np.float32), prompts, np.asarray(labels, np.float32)
 
 
-def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
-  """Fits ProxyNet to `examples` gold labels; returns (params, train MSE of the last 100 steps)."""
-  images, prompts, labels = labelled_set(seed, examples)
-  words = encode_prompts(prompts)
-  net = ProxyNet()
-  params = net.init(jax.random.key(seed), images[:1], words[:1])["params"]
+def fit_regression(net, params, inputs, labels, steps, seed, batch_size=64,
+                   learning_rate=1e-3):
+  """Adam on the mean squared error of `net.apply({"params": p}, *inputs[rows]) - labels[rows]`.
+
+  Args:
+    net: a Flax module returning (B,) scores.
+    params: its initial params.
+    inputs: a tuple of arrays with a leading dim N (the module's positional inputs).
+    labels: (N,) float32 targets.
+    steps, batch_size, learning_rate: the optimisation; rows are drawn with replacement by
+      `np.random.default_rng(seed + 1)`.
+
+  Returns:
+    (params, train MSE averaged over the last 100 steps).
+  """
   optimizer = optax.adam(learning_rate)
   opt_state = optimizer.init(params)
 
   @jax.jit
-  def step(params, opt_state, x, w, y):
+  def step(params, opt_state, batch, y):
     def loss_fn(p):
-      return jnp.mean((net.apply({"params": p}, x, w) - y) ** 2)
+      return jnp.mean((net.apply({"params": p}, *batch) - y) ** 2)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
@@ -138,10 +148,35 @@ def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
   rng = np.random.default_rng(seed + 1)
   losses = []
   for _ in range(steps):
-    index = rng.integers(examples, size=batch_size)
-    params, opt_state, loss = step(params, opt_state, images[index], words[index], labels[index])
+    index = rng.integers(len(labels), size=batch_size)
+    params, opt_state, loss = step(params, opt_state, tuple(x[index] for x in inputs),
+                                   labels[index])
     losses.append(loss)
   return params, float(np.mean(jax.device_get(losses[-100:])))
+
+
+def parse_fit_args(description, default_examples, argv=None):
+  """`--out --examples --steps --seed` of the reward-fitting commands; one-line error if bad."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--out", required=True, help="msgpack file to write")
+  parser.add_argument("--examples", type=int, default=default_examples,
+                      help="size of the labelled set")
+  parser.add_argument("--steps", type=int, default=3000)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.examples < 1 or args.steps < 1:
+    parser.error(f"--examples={args.examples} --steps={args.steps}; expected positive integers")
+  return args
+
+
+def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
+  """Fits ProxyNet to `examples` gold labels; returns (params, train MSE of the last 100 steps)."""
+  images, prompts, labels = labelled_set(seed, examples)
+  words = encode_prompts(prompts)
+  net = ProxyNet()
+  params = net.init(jax.random.key(seed), images[:1], words[:1])["params"]
+  return fit_regression(net, params, (images, words), labels, steps, seed, batch_size,
+                        learning_rate)
 
 
 def make_reward_fn(weights, cache_dir=""):
@@ -162,14 +197,7 @@ def make_reward_fn(weights, cache_dir=""):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="msgpack file to write")
-  parser.add_argument("--examples", type=int, default=4000, help="size of the labelled set")
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.examples < 1 or args.steps < 1:
-    parser.error(f"--examples={args.examples} --steps={args.steps}; expected positive integers")
+  args = parse_fit_args(__doc__.splitlines()[0], DEFAULT_EXAMPLES, argv)
   start = time.time()
   params, loss = train(args.seed, args.examples, args.steps)
   convert.save_msgpack(params, args.out)
