@@ -12,7 +12,7 @@ from PIL import ImageDraw
 from PIL import ImageFont
 
 MIN_CELL = 128  # upscale small (tiny-model) images so captions stay legible
-CAPTION_LINES = 3
+MAX_CAPTION_LINES = 8  # the caption band grows to the longest caption, up to this many lines
 
 
 def make_grid(images, captions=None, columns=None):
@@ -32,18 +32,19 @@ def make_grid(images, captions=None, columns=None):
   scale = max(1, math.ceil(MIN_CELL / max(height, width)))
   cell_w, cell_h = width * scale, height * scale
   font = ImageFont.load_default()
+  chars_per_line = max(8, cell_w // 6)
+  wrapped = [textwrap.wrap(str(caption), chars_per_line)[:MAX_CAPTION_LINES]
+             for caption in captions] if captions else []
   line_h = 12 if captions else 0
-  caption_h = line_h * CAPTION_LINES + 4 if captions else 0
+  caption_h = line_h * max(map(len, wrapped), default=0) + 4 if captions else 0
   grid = Image.new("RGB", (columns * cell_w, rows * (cell_h + caption_h)), "white")
   draw = ImageDraw.Draw(grid)
-  chars_per_line = max(8, cell_w // 6)
   for index, image in enumerate(images):
     x = (index % columns) * cell_w
     y = (index // columns) * (cell_h + caption_h)
     grid.paste(Image.fromarray(image).resize((cell_w, cell_h), Image.NEAREST), (x, y))
     if captions:
-      lines = textwrap.wrap(str(captions[index]), chars_per_line)[:CAPTION_LINES]
-      for line_index, line in enumerate(lines):
+      for line_index, line in enumerate(wrapped[index]):
         draw.text((x + 2, y + cell_h + 2 + line_index * line_h), line, fill="black", font=font)
   return grid
 
