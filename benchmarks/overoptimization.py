@@ -1,7 +1,7 @@
 """Reward overoptimisation on the shapes world: gold reward at matched trained (proxy) reward.
 
   python benchmarks/overoptimization.py --out DIR [--results DIR] [--preset aesthetic|proxy|gold]
-      [--algorithms ddpo,tdpo,tdpo_r,redo,ddpo_kl] [--seeds 0,1,2] [--epochs 100]
+      [--algorithms ddpo,tdpo,tdpo_r,redo,ddpo_kl,grpo] [--seeds 0,1,2] [--epochs 100]
       [--set KEY=VALUE ...]
 
 Each (algorithm, seed) fine-tunes the shipped shapes model with
@@ -62,7 +62,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # this checkout's package first, not an installed copy
 
-ALGORITHMS = ("ddpo", "tdpo", "tdpo_r", "redo", "ddpo_kl")
+ALGORITHMS = ("ddpo", "tdpo", "tdpo_r", "redo", "ddpo_kl", "grpo")
 PRESETS = ("aesthetic", "proxy", "gold")
 DEFAULT_PRESET = "aesthetic"
 DEFAULT_SEEDS = "0,1,2"

@@ -43,6 +43,7 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 42
   # ddpo: critic off, trajectory-level advantage. tdpo: critic on, no reset. tdpo_r: critic + reset.
+  # grpo: ddpo with rewards standardised within groups of sample.group_size samples of a prompt.
   c.algorithm = args.algorithm
   c.num_epochs = 100
 
@@ -78,6 +79,9 @@ def get_config(arg=None):
   c.sample.width = 512
   c.sample.batch_size = 64  # global images per rollout call
   c.sample.num_batches_per_epoch = 4  # 256 samples per epoch, as the paper
+  # Samples of one prompt per group (consecutive); 0 = every sample's prompt drawn independently.
+  # algorithm=grpo needs >= 2: its rewards are standardised within each group.
+  c.sample.group_size = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 8  # global micro-batch (paper: 1 per device x 8 devices)

@@ -13,9 +13,10 @@ the pre-trained model:
   python -m tdpo_jax.main --config=configs/shapes.py:algorithm=ddpo,reward=proxy --workdir=...
 
 Presets (comma-separated `key=value`):
-  algorithm=tdpo_r|tdpo|ddpo|redo|ddpo_kl  redo = TDPO-R's loop resetting the critic's DORMANT
-      neurons (ReDo, Sokar et al. 2023) instead of its active ones; ddpo_kl = DDPO with the
-      per-step Gaussian KL to the pre-trained policy in the loss (weight KL_COEF);
+  algorithm=tdpo_r|tdpo|ddpo|redo|ddpo_kl|grpo  redo = TDPO-R's loop resetting the critic's
+      DORMANT neurons (ReDo, Sokar et al. 2023) instead of its active ones; ddpo_kl = DDPO with
+      the per-step Gaussian KL to the pre-trained policy in the loss (weight KL_COEF); grpo =
+      DDPO with rewards standardised within groups of GRPO_GROUP_SIZE samples of one prompt;
   reward=aesthetic|proxy|gold  what RL maximises: the image-only aesthetic reward (default), the
       prompt-conditioned learned proxy of gold (the second setting), or gold itself.
 `shapes_model_spec()`: the model architecture. `pretrain_config()`: pre-training settings.
@@ -38,7 +39,10 @@ ALGORITHM_PRESETS = {
     "ddpo": ("ddpo", "active", "none"),
     "redo": ("tdpo_r", "dormant", "none"),
     "ddpo_kl": ("ddpo", "active", "gaussian"),
+    "grpo": ("grpo", "active", "none"),
 }
+# grpo: samples of one prompt per group (32 samples per epoch = 8 groups of 4).
+GRPO_GROUP_SIZE = 4
 # preset: (the reward RL maximises, the critic's image tower)
 # ddpo_kl: the per-step closed-form KL to the pre-trained policy in the loss, with this weight.
 KL_COEF = 0.1
@@ -65,6 +69,7 @@ def get_config(arg=None):
   c = tiny.get_config()
   c.algorithm, c.reset.target, c.train.kl_mode = ALGORITHM_PRESETS[args.algorithm]
   c.train.kl_coef = KL_COEF if c.train.kl_mode != "none" else 0.0
+  c.sample.group_size = GRPO_GROUP_SIZE if c.algorithm == "grpo" else 0
   c.seed = 0
   c.num_epochs = 12
   c.pretrained.model = os.path.join(ASSETS, "pipeline")

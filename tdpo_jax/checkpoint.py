@@ -35,6 +35,15 @@ FORMAT_VERSION = 1
 # the mesh and sharding rules may change too (orbax reshards the state on restore).
 RESUMABLE_KEY_PATTERNS = ("num_epochs", "log.*", "eval.*", "checkpoint.*",
                           "pretrained.cache_dir", "mesh", "num_devices", "sharding.*")
+# Config keys added after checkpoints were written without them, each with the value that
+# reproduces the behaviour from before it existed: a saved config that lacks the key is read as
+# holding that value, so such a checkpoint still resumes under a config that keeps it.
+ADDED_KEY_DEFAULTS = {
+    "critic.tower": "image_encoder",
+    "critic.late_fraction": 0.3,
+    "stats.per_prompt": True,
+    "sample.group_size": 0,
+}
 
 
 class _DropOrbaxInfo(python_logging.Filter):
@@ -176,9 +185,11 @@ def config_differences(saved, current):
 
   Returns:
     a sorted list of (key, saved value, current value); a key missing on one side gives
-    "<missing>" there.
+    "<missing>" there, except that a saved config lacking a key of `ADDED_KEY_DEFAULTS` holds its
+    default there.
   """
   saved, current = flatten(saved), flatten(current)
+  saved = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in current}, **saved}
   differences = []
   for key in sorted(set(saved) | set(current)):
     if any(fnmatch.fnmatchcase(key, pattern) for pattern in RESUMABLE_KEY_PATTERNS):

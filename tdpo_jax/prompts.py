@@ -36,6 +36,21 @@ def load_prompts(name_or_path):
   return prompts
 
 
+def grouped_prompt_indices(rng, num_prompts, total, group_size):
+  """`total` prompt indices in consecutive groups of `group_size` copies of one prompt (GRPO).
+
+  The total / group_size prompts are drawn uniformly with replacement.
+
+  Args:
+    rng: a `np.random.Generator`.
+  Returns:
+    int32 array (total,): [p_0] * G + [p_1] * G + ...
+  """
+  if group_size < 1 or total % group_size:
+    raise ValueError(f"group_size={group_size} does not divide {total} samples")
+  return np.repeat(sample_prompt_indices(rng, num_prompts, total // group_size), group_size)
+
+
 def sample_prompt_indices(rng, num_prompts, batch_size):
   """Draws `batch_size` prompt indices uniformly with replacement (as DDPO / TDPO do).
 

@@ -127,6 +127,32 @@ def normalise(state, prompt_index, rewards, *, min_count, eps, per_prompt=True):
   return state, (rewards - mean) / (std + eps)
 
 
+def group_normalise(rewards, group_size, eps):
+  """GRPO's advantage: each reward standardised within its group of `group_size` samples.
+
+  Equation: r~_i = (r_i - mean_g) / (std_g + eps) with the mean and population std of the G
+  rewards of sample i's group g (Shao et al. 2024; Flow-GRPO / DanceGRPO for diffusion). Groups
+  are consecutive: samples g G .. g G + G - 1 share a prompt (`prompts.grouped_prompt_indices`).
+  The statistics come from this epoch's group only, never from a buffer.
+
+  Args:
+    rewards: (N,) float, N a multiple of G.
+    group_size: G.
+    eps: added to the std.
+
+  Returns:
+    (N,) float32.
+  """
+  rewards = jnp.asarray(rewards, jnp.float32)
+  if rewards.ndim != 1 or rewards.shape[0] % group_size:
+    raise ValueError(f"rewards have shape {rewards.shape}; expected (N,) with N a multiple of "
+                     f"group_size={group_size}")
+  groups = rewards.reshape(-1, group_size)
+  mean = groups.mean(axis=1, keepdims=True)
+  std = groups.std(axis=1, keepdims=True)
+  return ((groups - mean) / (std + eps)).reshape(-1)
+
+
 def prompt_stats(state, *, min_count):
   """Summary statistics of the normaliser, for logging.
 

@@ -16,6 +16,9 @@ leaving the device for the reward.
   ddpo   : no critic; every step gets the standardised normalised reward as advantage.
   tdpo   : critic on; A_k = G_k - V(x_k), standardised; no reset.
   tdpo_r : tdpo + reset of the critic's active neurons every `reset.period` epochs.
+  grpo   : ddpo with group-relative rewards: the epoch samples `sample.group_size` images of
+           each prompt it draws, and each reward is standardised within its group
+           (`stats.group_normalise`) instead of by the per-prompt buffers.
 """
 import contextlib
 import math
@@ -54,6 +57,7 @@ ALGORITHMS = {
     "ddpo": (False, False),
     "tdpo": (True, False),
     "tdpo_r": (True, True),
+    "grpo": (False, False),  # plus group-relative rewards (module docstring)
 }
 KL_MODES = ("none", "return_penalty", "gaussian")
 RESET_TARGETS = ("active", "dormant")
@@ -92,6 +96,15 @@ def validate_config(config):
   if num_train_timesteps(config) < 1:
     raise ValueError("sample.num_steps * train.timestep_fraction must be >= 1")
   total = samples_per_epoch(config)
+  group_size = config.sample.group_size
+  if group_size < 0 or (config.algorithm == "grpo" and group_size < 2):
+    raise ValueError(f"sample.group_size={group_size} must be >= 2 for algorithm 'grpo' (the "
+                     "samples of one prompt that its rewards are standardised among) and >= 0 "
+                     "otherwise (0 = prompts drawn independently)")
+  if group_size and total % group_size:
+    raise ValueError(f"sample.group_size={group_size} does not divide the {total} samples per "
+                     f"epoch (sample.batch_size={config.sample.batch_size} x "
+                     f"sample.num_batches_per_epoch={config.sample.num_batches_per_epoch})")
   if total % config.train.batch_size:
     raise ValueError(
         f"train.batch_size={config.train.batch_size} does not divide the {total} samples per "
@@ -331,12 +344,16 @@ class Trainer:
     params = self.rollout_params(state, frozen)
     sample_key = jax.random.fold_in(jax.random.fold_in(self.root_key, STREAM_SAMPLE), epoch)
     host_rng = np.random.default_rng([config.seed, epoch])
+    size = config.sample.batch_size
+    if config.sample.group_size:  # the whole epoch's prompts first: a group may span batches
+      grouped = prompts_lib.grouped_prompt_indices(
+          host_rng, len(self.prompts), samples_per_epoch(config), config.sample.group_size)
     trajectories, prompt_index = [], []
     batches = range(config.sample.num_batches_per_epoch)
     for batch in tqdm.tqdm(batches, desc=f"epoch {epoch} sample", disable=not progress,
                            leave=False):
-      index = prompts_lib.sample_prompt_indices(host_rng, len(self.prompts),
-                                                config.sample.batch_size)
+      index = (grouped[batch * size:(batch + 1) * size] if config.sample.group_size
+               else prompts_lib.sample_prompt_indices(host_rng, len(self.prompts), size))
       trajectories.append(self.rollout_prompts(
           params, [self.prompts[i] for i in index], jax.random.fold_in(sample_key, batch)))
       prompt_index.append(index)
@@ -462,6 +479,8 @@ class Trainer:
     normaliser, normalised = stats.normalise(
         state.normaliser, prompt_index, reward, min_count=config.stats.min_count,
         eps=config.stats.eps, per_prompt=config.stats.per_prompt)
+    if config.algorithm == "grpo":  # the buffers still fill: the state is the same either way
+      normalised = stats.group_normalise(reward, config.sample.group_size, config.stats.eps)
     returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
     metrics = {}
     if config.train.kl_mode == "return_penalty" and config.train.kl_coef > 0:

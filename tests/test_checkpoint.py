@@ -142,6 +142,14 @@ def test_config_differences_ignores_resumable_keys():
       ("extra", "<missing>", 1), ("pretrained.model", "tiny:0", "tiny:1")]
 
 
+def test_config_differences_reads_added_keys_as_their_old_behaviour():
+  saved = {"seed": 0, "sample": {"batch_size": 4}}  # written before sample.group_size existed
+  current = {"seed": 0, "sample": {"batch_size": 4, "group_size": 0}}
+  assert checkpoint.config_differences(saved, current) == []
+  current["sample"]["group_size"] = 4
+  assert checkpoint.config_differences(saved, current) == [("sample.group_size", 0, 4)]
+
+
 def test_truncate_metrics(tmp_path):
   lines = [json.dumps({"epoch": e, "x": e}) for e in range(4)]
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"epoch": 4, "x"')

@@ -109,6 +109,9 @@ def test_shapes_config_uses_the_world():
   assert (proxy.reward, proxy.critic.tower) == ("shapes_proxy", "image_encoder")
   kl = helpers.load_config("shapes", "algorithm=ddpo_kl")
   assert (kl.algorithm, kl.train.kl_mode) == ("ddpo", "gaussian") and kl.train.kl_coef > 0
+  grpo = helpers.load_config("shapes", "algorithm=grpo")
+  assert grpo.algorithm == "grpo" and grpo.sample.group_size >= 2
+  assert config.sample.group_size == 0
   assert (config.sample.height, config.sample.width) == (world.IMAGE_SIZE, world.IMAGE_SIZE)
   gold_ddpo = helpers.load_config("shapes", "algorithm=ddpo,reward=gold")
   assert (gold_ddpo.reward, gold_ddpo.algorithm) == ("shapes_gold", "ddpo")

@@ -130,3 +130,20 @@ def test_rejects_bad_arguments():
     stats.normalise(state, np.array([0]), np.array([1.0]), min_count=33, eps=EPS)
   with pytest.raises(ValueError, match="equal"):
     stats.normalise(state, np.array([0, 1]), np.array([1.0]), min_count=MIN_COUNT, eps=EPS)
+
+
+def test_group_normalise_hand_computed():
+  rewards = np.array([1.0, 3.0, 10.0, 10.0, 0.0, 4.0], np.float32)
+  # Groups of 2: (1, 3) -> mean 2, std 1; (10, 10) -> std 0; (0, 4) -> mean 2, std 2.
+  np.testing.assert_allclose(stats.group_normalise(rewards, 2, eps=0.5),
+                             [-1 / 1.5, 1 / 1.5, 0.0, 0.0, -2 / 2.5, 2 / 2.5], rtol=1e-6)
+  with pytest.raises(ValueError, match="multiple of group_size=4"):
+    stats.group_normalise(rewards, 4, eps=EPS)
+
+
+def test_one_group_equals_the_batch_normalisation():
+  """GRPO with the whole batch as one group is DDPO's batch-statistics normalisation."""
+  rewards = np.random.default_rng(0).standard_normal(8).astype(np.float32)
+  _, batch = stats.normalise(stats.init_normaliser(3, 8), np.arange(8) % 3, rewards,
+                             min_count=4, eps=EPS, per_prompt=False)
+  np.testing.assert_allclose(stats.group_normalise(rewards, 8, eps=EPS), batch, rtol=1e-6)

@@ -188,3 +188,28 @@ def test_explained_variance_metrics_per_state_and_late():
   np.testing.assert_allclose(metrics["critic/explained_variance"], 0.5, atol=1e-6)
   assert train.late_states(10, 0.3) == 7 and train.late_states(10, 0.01) == 9
   assert train.late_states(4, 1.0) == 0
+
+
+def test_grpo_samples_groups_and_standardises_within_them(cache_dir):
+  config = helpers.tiny_config(cache_dir, algorithm="grpo", **{"sample.group_size": 2})
+  trainer = train.Trainer(config)
+  frozen, state = trainer.frozen_params(), trainer.init_state()
+  trajectory, prompt_index = trainer.sample(state, frozen, 0)
+  groups = prompt_index.reshape(-1, 2)
+  assert (groups[:, 0] == groups[:, 1]).all()  # consecutive pairs share a prompt
+  reward = rewards.make_reward_fn(config.reward)(
+      np.asarray(trajectory.images), [trainer.prompts[i] for i in prompt_index])
+  _, batches, _, _ = trainer.jit_prepare(state, frozen, trajectory, prompt_index,
+                                         np.asarray(reward, np.float32), np.int32(0))
+  # Each pair's rewards become -+1 (group std of two values is half their gap), then every
+  # (sample, step) entry is standardised: the advantages are -+1 / std(-+1) = -+1 up to eps.
+  pair = np.asarray(reward).reshape(-1, 2)
+  expected = np.where(pair[:, :1] < pair[:, 1:], [[-1.0, 1.0]], [[1.0, -1.0]]).reshape(-1)
+  expected = np.repeat(expected, config.sample.num_steps)
+  np.testing.assert_allclose(np.sort(np.asarray(batches.advantages).reshape(-1)),
+                             np.sort(expected), atol=1e-4)
+  with pytest.raises(ValueError, match="sample.group_size=0 must be >= 2"):
+    train.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo"))
+  with pytest.raises(ValueError, match="sample.group_size=3 does not divide the 8 samples"):
+    train.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo",
+                                              **{"sample.group_size": 3}))
