@@ -86,3 +86,14 @@ def test_command_prints_the_written_paths(tmp_path):
   missing = subprocess.run([sys.executable, "-m", "tdpo_jax.plot", str(tmp_path / "nope")],
                            cwd=helpers.REPO, capture_output=True, text=True)
   assert missing.returncode != 0 and "error: no metrics.jsonl" in missing.stderr
+
+
+def test_grid_caption_band_fits_the_longest_caption():
+  from tdpo_jax import images  # pylint: disable=import-outside-toplevel
+  pixels = np.zeros((2, 32, 32, 3), np.float32)
+  one_line = images.make_grid(pixels, ["a red circle", "two blue squares"], columns=2)
+  assert one_line.size == (2 * 128, 128 + 12 + 4)  # 32 px cells upscaled to 128, one text line
+  long = " ".join(f"reward_{i} 0.123" for i in range(20))  # wraps past the cap
+  capped = images.make_grid(pixels, [long, "short"], columns=2)
+  assert capped.size == (2 * 128, 128 + 12 * images.MAX_CAPTION_LINES + 4)
+  assert images.make_grid(pixels).size == (2 * 128, 128)  # no captions, no band

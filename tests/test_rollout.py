@@ -87,6 +87,8 @@ def test_sample_command_writes_captioned_grid(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert f"wrote {out}: 4 images, 10 DDIM steps" in result.stdout
   grid = np.asarray(Image.open(out).convert("RGB"), np.float32)
-  assert grid.shape == (2 * (128 + 40), 2 * 128, 3)  # 2x2 cells of 128 px + caption strips
+  # 2x2 cells of 128 px, each over a caption band of 12 px per line + 4 (the band fits the
+  # longest caption: these short prompts take one line).
+  assert grid.shape == (2 * (128 + 12 + 4), 2 * 128, 3)
   first, second = grid[:128, :128], grid[:128, 128:]
   assert first.std() > 10 and np.abs(first - second).mean() > 1  # not blank, not identical
