@@ -380,13 +380,16 @@ def format_interval(estimate, decimals=DECIMALS):
 
 
 def matched_levels(curves, proxy):
-  """NUM_LEVELS proxy levels from the highest starting mean proxy to the lowest maximum (the top
-  level exactly that maximum, so every curve reaches it despite rounding); [] if no gain is
-  common to every algorithm. Also returns that start."""
+  """NUM_LEVELS proxy levels from the highest starting mean proxy to the lowest maximum among the
+  algorithms that rise above that start (the top level exactly that maximum, so each of them
+  reaches it despite rounding; an algorithm that never rises above the start gets "n/a" cells);
+  [] if none rises above it. Also returns that start."""
   start = max(c.mean(proxy)[0] for c in curves.values())
-  reached = min(np.nanmax(c.mean(proxy)) for c in curves.values())
-  if not reached > start:
+  maxima = [np.nanmax(c.mean(proxy)) for c in curves.values()]
+  gains = [m for m in maxima if m > start]
+  if not gains:
     return [], start
+  reached = min(gains)
   levels = [start + (reached - start) * (i + 1) / NUM_LEVELS for i in range(NUM_LEVELS - 1)]
   return levels + [reached], start
 
@@ -434,7 +437,7 @@ def matched_table(curves, proxy="eval_proxy", golds=("eval_gold", "eval_gold_fid
     lines += _table(header, rows)
   else:
     lines.append(f"No proxy level above {start:.{DECIMALS}f} (the highest initial proxy) was "
-                 "reached by every algorithm: no matched comparison.")
+                 "reached by any algorithm: no matched comparison.")
   header = (["algorithm"] + [f"proxy @ peak {label(g)}" for g in golds] + ["final proxy"]
             + [f"final {label(g)}" for g in golds] + [f"late EV (last {LATE_EV_EPOCHS} epochs)"])
   rows = []
@@ -473,8 +476,8 @@ def table_text(curves, preset, config):
       f"[seed-bootstrap 95% interval, {NUM_BOOTSTRAP} resamples; a level's interval is over the "
       "resamples that reach it].\n\n"
       f"Gold at matched proxy: {NUM_LEVELS} levels from the highest starting proxy to the "
-      "lowest maximum over algorithms; higher gold at the same proxy = less "
-      "overoptimisation.\n\n" + matched_table(curves))
+      "lowest maximum over the algorithms that rise above it (n/a: never reached); higher gold "
+      "at the same proxy = less overoptimisation.\n\n" + matched_table(curves))
 
 
 def _pyplot():

@@ -139,6 +139,14 @@ def test_no_common_gain_is_said():
   table = bench.matched_table(bench.mean_curves(records), proxy="proxy", golds=("gold",))
   assert "No proxy level above 0.5000" in table
   assert "| b | 0.1000 [0.1000, 0.1000] |" in table  # the peaks table is still there
+  # A third algorithm that rises above the start sets the levels; the others read n/a there.
+  records += [dict(algorithm="c", seed=0, epoch=e, proxy=p, gold=g)
+              for e, (p, g) in enumerate(((0.2, 1.0), (0.8, 0.0)))]
+  table = bench.matched_table(bench.mean_curves(records), proxy="proxy", golds=("gold",))
+  lines = table.splitlines()
+  assert "gold @ proxy 0.6000" in lines[0] and "gold @ proxy 0.8000" in lines[0]
+  assert _cells(lines[2])[1:4] == ["n/a", "n/a", "n/a"]  # a never rises above 0.5
+  assert _cells(lines[4])[1] == "0.3333 [0.3333, 0.3333]"  # c: 0.6 is 2/3 of 0.2 -> 0.8
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
