@@ -24,7 +24,8 @@ def test_paper_presets(arg, reward, prompts, heldout, model):
   config = helpers.load_config("sd15", arg)
   assert (config.reward, config.prompts, config.eval.prompts) == (reward, prompts, heldout)
   assert config.pretrained.model == model
-  assert set(config.eval.rewards) == {"aesthetic", "pickscore", "hpsv2"}
+  # The paper's cross-reward evaluation: all four model rewards.
+  assert set(config.eval.rewards) == {"aesthetic", "pickscore", "hpsv2", "image_reward"}
   train.validate_config(config)
   train_set = set(prompts_lib.load_prompts(config.prompts))
   heldout_set = prompts_lib.load_prompts(config.eval.prompts)

@@ -11,17 +11,22 @@ Two kinds of rewards:
       aesthetic   config.rewards.aesthetic.clip (CLIP ViT-L/14 dir), .mlp (converted .safetensors)
       pickscore   config.rewards.pickscore.model (CLIPModel dir), .processor ("" = model dir)
       hpsv2       config.rewards.hpsv2.checkpoint (converted .safetensors), .clip_config (dir)
-      imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model)
+      image_reward config.rewards.image_reward.checkpoint (converted .safetensors), .tokenizer
+                  (bert-base-uncased dir), .architecture ("ImageReward-v1.0" or a dict), .dtype
+      imagereward config.rewards.imagereward.model (name or path), .device (host PyTorch model;
+                  the `image-reward` package; `image_reward` is the Flax port on the mesh)
       shapes_proxy config.rewards.shapes_proxy.weights (`python -m tdpo_jax.shapes.proxy` msgpack)
       shapes_aesthetic config.rewards.shapes_aesthetic.weights (`python -m tdpo_jax.shapes.aesthetic`)
-Every CLIP directory entry (aesthetic.clip, pickscore.model/.processor, hpsv2.clip_config) may
-also be a hub id "org/name", downloaded on first use; the .safetensors entries are local files.
+Every CLIP directory entry (aesthetic.clip, pickscore.model/.processor, hpsv2.clip_config) and
+image_reward.tokenizer may also be a hub id "org/name", downloaded on first use; the .safetensors
+entries are local files.
 `make_reward_fn` handles both kinds, so callers use it for every name.
 """
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import aesthetic
 from tdpo_jax.rewards import host_callback
 from tdpo_jax.rewards import hpsv2
+from tdpo_jax.rewards import image_reward
 from tdpo_jax.rewards import jpeg
 from tdpo_jax.rewards import pickscore
 from tdpo_jax.shapes import aesthetic as shapes_aesthetic
@@ -49,6 +54,8 @@ _MODEL_REWARDS = {
     "aesthetic": (aesthetic.make_reward_fn, ("clip", "mlp")),
     "pickscore": (pickscore.make_reward_fn, ("model", "processor")),
     "hpsv2": (hpsv2.make_reward_fn, ("checkpoint", "clip_config")),
+    "image_reward": (image_reward.make_reward_fn,
+                     ("checkpoint", "tokenizer", "architecture", "dtype")),
     "imagereward": (_imagereward, ("model", "device")),
     "shapes_proxy": (shapes_proxy.make_reward_fn, ("weights",)),
     "shapes_aesthetic": (shapes_aesthetic.make_reward_fn, ("weights",)),
@@ -59,7 +66,10 @@ _DIRECTORY_KEYS = {
     "aesthetic": ("clip",),
     "pickscore": ("model", "processor"),
     "hpsv2": ("clip_config",),
+    "image_reward": ("tokenizer",),
 }
+# The files a hub id downloads, where not a CLIP model's (`pipeline.CLIP_HUB_PATTERNS`).
+_HUB_PATTERNS = {"image_reward": image_reward.TOKENIZER_HUB_PATTERNS}
 
 
 def available():
@@ -116,5 +126,6 @@ def make_reward_fn(name, config_rewards=None, cache_dir=""):
   for key in _DIRECTORY_KEYS.get(name, ()):
     if values[key]:
       values[key] = pipeline_lib.resolve_model_spec(
-          values[key], cache_dir=cache_dir, allow_patterns=pipeline_lib.CLIP_HUB_PATTERNS)
+          values[key], cache_dir=cache_dir,
+          allow_patterns=_HUB_PATTERNS.get(name, pipeline_lib.CLIP_HUB_PATTERNS))
   return builder(**values, cache_dir=cache_dir)

@@ -11,11 +11,14 @@ the safetensors output and never unpickles (DESIGN §5):
       --out=aesthetic_mlp.safetensors
   python -m tdpo_jax.rewards.convert hpsv2 --src=HPS_v2_compressed.pt --out=hpsv2.safetensors \
       [--clip_config=DIR]   # DIR: a CLIPModel config.json (laion/CLIP-ViT-H-14-laion2B-s32B-b79K)
+  python -m tdpo_jax.rewards.convert image_reward --src=ImageReward.pt \
+      --out=image_reward.safetensors
   python -m tdpo_jax.rewards.convert state_dict --src=pytorch_model.bin --out=model.safetensors
 
-`aesthetic` and `hpsv2` validate the keys and shapes they will need (naming the first bad key);
-`state_dict` only unwraps and rewrites (e.g. a CLIPModel `pytorch_model.bin` for PickScore).
-Keys are kept as they are (open_clip names for HPSv2), so the file stays usable by PyTorch.
+`aesthetic`, `hpsv2` and `image_reward` validate the keys and shapes they will need (naming the
+first bad key); `state_dict` only unwraps and rewrites (e.g. a CLIPModel `pytorch_model.bin` for
+PickScore). Keys are kept as they are (open_clip names for HPSv2), so the file stays usable by
+PyTorch; `image_reward` writes only the keys its model reads (not `blip.vision_proj`, buffers).
 """
 import argparse
 import importlib
@@ -115,8 +118,15 @@ def _load_pickle_state_dict(path):
   return arrays
 
 
+KINDS = ("aesthetic", "hpsv2", "image_reward", "state_dict")
+
+
 def _validate(kind, state_dict, source, clip_config):
-  """Checks a state dict for `kind` before writing it (aesthetic always, hpsv2 with a config)."""
+  """Checks a state dict for `kind` before writing it (aesthetic and image_reward always, hpsv2
+  with a config); returns what to write (image_reward: only the keys its model reads)."""
+  if kind == "image_reward":
+    from tdpo_jax.rewards import image_reward  # noqa: PLC0415  (image_reward imports this module)
+    return image_reward.checkpoint_subset(state_dict, source)
   if kind == "aesthetic":
     from tdpo_jax.rewards import aesthetic  # noqa: PLC0415  (aesthetic imports this module)
     first = state_dict.get("layers.0.weight")  # d from the file; CLIP-L/14's 768 if absent
@@ -128,23 +138,23 @@ def _validate(kind, state_dict, source, clip_config):
     config = clip_model.read_clip_config(clip_config)
     check_state_dict(state_dict, open_clip_keys.expected_open_clip_shapes(config), source,
                      "an open_clip CLIP (HPSv2)")
+  return state_dict
 
 
 def convert_pickle(kind, src, out, clip_config=""):
   """Unpickles `src` (weights only), validates it for `kind`, writes safetensors to `out`.
 
   Args:
-    kind: "aesthetic", "hpsv2" or "state_dict".
+    kind: one of `KINDS`.
     src: the published .pt/.pth/.bin file.
     out: the .safetensors file to write.
     clip_config: for hpsv2, an optional CLIPModel directory to validate the shapes against.
   """
-  if kind not in ("aesthetic", "hpsv2", "state_dict"):
-    raise ValueError(f"unknown checkpoint kind {kind!r}; expected aesthetic, hpsv2 or state_dict")
+  if kind not in KINDS:
+    raise ValueError(f"unknown checkpoint kind {kind!r}; expected one of {', '.join(KINDS)}")
   if not out.endswith(".safetensors"):
     raise ValueError(f"--out={out!r}; expected a path ending in .safetensors")
-  state_dict = _load_pickle_state_dict(src)
-  _validate(kind, state_dict, src, clip_config)
+  state_dict = _validate(kind, _load_pickle_state_dict(src), src, clip_config)
   folder = os.path.dirname(os.path.abspath(out))
   os.makedirs(folder, exist_ok=True)
   temp_path = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(out)}")
@@ -159,7 +169,7 @@ def convert_pickle(kind, src, out, clip_config=""):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("kind", choices=("aesthetic", "hpsv2", "state_dict"))
+  parser.add_argument("kind", choices=KINDS)
   parser.add_argument("--src", required=True, help="published .pt/.pth/.bin checkpoint")
   parser.add_argument("--out", required=True, help="output .safetensors file")
   parser.add_argument("--clip_config", default="",

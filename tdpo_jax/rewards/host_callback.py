@@ -10,7 +10,8 @@ as a list of str; it returns B numbers.
 Host rewards run outside the jitted kernels, between the rollout and the advantage computation
 (like the JPEG rewards); they cost one device->host copy of the images per call.
 
-Example: ImageReward (BLIP-based; not ported to Flax), with `pip install image-reward`:
+Example: ImageReward's own PyTorch package, with `pip install image-reward` (the Flax port that
+runs on the mesh is the model reward `image_reward`, `rewards/image_reward.py`):
 
     import ImageReward
 
