@@ -19,6 +19,9 @@ empty cell):
   eval_aesthetic (shapes_aesthetic)    the same rewards of the fixed-key eval samples
       (`eval/heldout/*/mean`), drawn AFTER the update with the same noise every epoch, so they move
       only with the policy;
+  an extra first row, epoch -1, holds only the eval columns of the pre-trained policy
+      (`eval/before_training.json`, `eval.before_training`): every algorithm's and seed's curve
+      starts from this same point;
   kl_to_pretrained, diversity    of the fixed-key samples;
   ev, ev_late, ev_k00 ... ev_kNN    the critic's explained variance: all states, the late states,
       each denoising state k (k = 0 is x_T);
@@ -68,6 +71,8 @@ DEFAULT_PRESET = "aesthetic"
 DEFAULT_SEEDS = "0,1,2"
 DEFAULT_EPOCHS = 100
 MIN_EPOCHS = 2  # a trajectory needs a start and an end
+ORIGIN_EPOCH = -1  # the row of the evaluation before the first update (eval.before_training)
+EPOCH_AXIS = f"epoch ({ORIGIN_EPOCH}: before the first update)"
 
 GOLD_REWARDS = {"gold": "shapes_gold", "gold_fidelity": "shapes_gold_fidelity",
                 "gold_quality": "shapes_gold_quality"}
@@ -142,6 +147,9 @@ def check_config(preset, overrides):
   if config.eval.every != 1:
     raise SystemExit(f"error: --set eval.every={config.eval.every}; expected 1 (the curves need "
                      "every epoch's eval)")
+  if not config.eval.before_training:
+    raise SystemExit("error: --set eval.before_training=False; expected True (the curves' common "
+                     "origin)")
   missing = [r for r in (config.reward, *GOLD_REWARDS.values()) if r not in config.eval.rewards]
   if missing:
     raise SystemExit(f"error: eval.rewards={tuple(config.eval.rewards)} lacks {missing[0]!r}; "
@@ -175,10 +183,19 @@ def columns_of(records):
   return list(HEAD_COLUMNS) + list(before) + states + list(after)
 
 
-def to_records(preset, algorithm, seed, rows, trained_reward):
-  """One CSV record per metrics.jsonl row (see the module docstring); absent metrics -> ""."""
+def to_records(preset, algorithm, seed, rows, trained_reward, origin=None):
+  """One CSV record per metrics.jsonl row (see the module docstring); absent metrics -> "".
+
+  `origin`: the run's `eval/before_training.json` metrics (or None): a first record at epoch
+  ORIGIN_EPOCH holding only its fixed-key eval columns.
+  """
   before, after = metric_keys(trained_reward)
   records = []
+  if origin is not None:
+    record = {"preset": preset, "algorithm": algorithm, "seed": seed, "epoch": ORIGIN_EPOCH}
+    record.update({column: origin.get(key, "") for column, key in before.items()
+                   if key.startswith("eval/heldout/")})
+    records.append(record)
   for row in rows:
     record = {"preset": preset, "algorithm": algorithm, "seed": seed, "epoch": int(row["epoch"])}
     record.update({column: row.get(key, "") for column, key in before.items()})
@@ -227,11 +244,11 @@ def read_rows(path):
 
 
 def count_rows(path):
-  """Rows in a rows file (0 if there is none)."""
+  """Epochs in a rows file, the origin row not counted (0 if there is no file)."""
   if not os.path.exists(path):
     return 0
   with open(path, newline="") as file:
-    return sum(1 for _ in csv.DictReader(file))
+    return sum(1 for row in csv.DictReader(file) if int(row["epoch"]) >= 0)
 
 
 def algorithm_order(algorithm):
@@ -457,7 +474,7 @@ def matched_table(curves, proxy="eval_proxy", golds=("eval_gold", "eval_gold_fid
 
 def describe_runs(curves):
   """The runs behind the curves: 3 seed(s) x 100 epochs per algorithm, or each algorithm's."""
-  shapes = {a: (len(c.seeds), len(c.epochs)) for a, c in curves.items()}
+  shapes = {a: (len(c.seeds), int(np.sum(c.epochs >= 0))) for a, c in curves.items()}
   if len(set(shapes.values())) == 1:
     seeds, epochs = next(iter(shapes.values()))
     return f"{seeds} seed(s) x {epochs} epochs per algorithm"
@@ -470,7 +487,8 @@ def table_text(curves, preset, config):
              else "all")  # eval.num_prompts=0: the whole prompt set
   return (
       f"Shapes world, preset {preset}: RL maximises {config.reward} (\"proxy\" below). Fixed-key "
-      f"eval samples of the policy after each epoch's update ({prompts} {config.eval.prompts} "
+      f"eval samples of the policy after each epoch's update, and at epoch {ORIGIN_EPOCH} of the "
+      f"pre-trained policy where the runs evaluated it ({prompts} {config.eval.prompts} "
       f"prompts x {config.eval.samples_per_prompt} samples, the same noise every epoch); "
       f"{describe_runs(curves)}. Each cell: the statistic of the mean-over-seeds trajectory "
       f"[seed-bootstrap 95% interval, {NUM_BOOTSTRAP} resamples; a level's interval is over the "
@@ -537,7 +555,7 @@ def plot(results, curves, preset, trained_reward):
   for axis, (column, name) in zip(axes.flat, panels):
     for algorithm, c in curves.items():
       _plot_band(axis, algorithm, c, column)
-    _decorate(axis, name, "epoch", LABELS[column])
+    _decorate(axis, name, EPOCH_AXIS, LABELS[column])
   figure.suptitle(f"Shapes world, preset {preset}: fixed-key eval samples after each epoch "
                   f"({band})")
   _save(plt, figure, os.path.join(results, "reward_vs_epoch.png"))
@@ -593,7 +611,7 @@ def plot(results, curves, preset, trained_reward):
       (axes[1], "diversity", "diversity (mean pairwise CLIP cosine distance)", "diversity")):
     for algorithm, c in curves.items():
       _plot_band(axis, algorithm, c, column)
-    _decorate(axis, name, "epoch", ylabel)
+    _decorate(axis, name, EPOCH_AXIS, ylabel)
   figure.suptitle(f"Shapes world, preset {preset}: fixed-key eval samples ({band})")
   _save(plt, figure, os.path.join(results, "kl_diversity.png"))
   names.append("kl_diversity.png")
@@ -637,6 +655,12 @@ def check_settings(results, settings):
                          f"preset {record['preset']!r} rows; expected --preset "
                          f"{record['preset']} or another --results")
   return settings
+
+
+def read_origin(workdir):
+  """The run's evaluation before its first update (eval/before_training.json), or None."""
+  from tdpo_jax import evaluation  # noqa: PLC0415
+  return evaluation.read_before_training(workdir)
 
 
 def resume_epoch(workdir):
@@ -732,7 +756,8 @@ def main(argv=None):
     print(f"{prefix} ({f'resuming at epoch {start}' if start else 'from scratch'})", flush=True)
     tic = time.time()
     rows = run_one(run_config(algorithm, args.preset, seed, args.epochs, args.set), workdir)
-    records = to_records(args.preset, algorithm, seed, rows, config.reward)
+    records = to_records(args.preset, algorithm, seed, rows, config.reward,
+                         origin=read_origin(workdir))
     write_csv(rows_path, records)
     first, last = records[0], records[-1]
     print(f"{algorithm} seed {seed}: fixed-key proxy ({config.reward}) "

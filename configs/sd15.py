@@ -9,8 +9,9 @@ The optional argument string is a comma-separated list of `key=value` presets:
   algorithm=ddpo|tdpo|tdpo_r  the algorithm (default tdpo_r);
   reward=aesthetic|pickscore|hpsv2  the paper's runs: aesthetic and pickscore train on
       simple_animals and evaluate on unseen_animals; hpsv2 trains on the hpsv2_photo prompts and
-      evaluates on hpsv2_photo_eval. Every run is scored by all three rewards (cross-reward
-      evaluation, `eval.*`), so overoptimisation of the trained one shows;
+      evaluates on hpsv2_photo_eval. Every run is scored by all four of the paper's rewards
+      (aesthetic, PickScore, HPSv2, ImageReward: cross-reward evaluation, `eval.*`), so
+      overoptimisation of the trained one shows;
   sd14  Stable Diffusion 1.4 instead of 1.5.
 """
 import ml_collections
@@ -62,13 +63,19 @@ def get_config(arg=None):
   # "aesthetic" (the paper's reward for simple_animals), "pickscore", "hpsv2",
   # "jpeg_compressibility", ...
   c.reward = args.reward
-  # Weight locations of the model rewards: CLIP model / config / processor entries are local
-  # directories or hub ids; `mlp` and `checkpoint` are local .safetensors files (the published
-  # pickles are converted once with `python -m tdpo_jax.rewards.convert`).
+  # Weight locations of the model rewards: CLIP model / config / processor and tokenizer entries
+  # are local directories or hub ids; `mlp` and `checkpoint` are local .safetensors files (the
+  # published pickles are converted once with `python -m tdpo_jax.rewards.convert`).
   c.rewards = ml_collections.ConfigDict()
   c.rewards.aesthetic = dict(clip="openai/clip-vit-large-patch14", mlp="")
   c.rewards.pickscore = dict(model="yuvalkirstain/PickScore_v1", processor="")
   c.rewards.hpsv2 = dict(checkpoint="", clip_config="laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+  # ImageReward in Flax on the mesh (tdpo_jax/rewards/image_reward.py): the converted
+  # ImageReward.pt, BLIP's BERT tokenizer; architecture "ImageReward-v1.0" (ViT-L/16, BERT-base)
+  # or a dict of ImageRewardConfig fields; compute dtype "float32" | "bfloat16".
+  c.rewards.image_reward = dict(checkpoint="", tokenizer="google-bert/bert-base-uncased",
+                                architecture="ImageReward-v1.0", dtype="float32")
+  # The same model run by the `image-reward` PyTorch package on the host (not a dependency).
   c.rewards.imagereward = dict(model="ImageReward-v1.0", device="cuda")
 
   c.sample = ml_collections.ConfigDict()
@@ -191,7 +198,7 @@ def get_config(arg=None):
   # sample.batch_size (the last one padded), so 16 x 4 = 64 costs one rollout.
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 10
-  c.eval.rewards = ("aesthetic", "pickscore", "hpsv2")
+  c.eval.rewards = ("aesthetic", "pickscore", "hpsv2", "image_reward")  # the paper's four
   c.eval.prompts = heldout_prompts
   c.eval.num_prompts = 0  # 0 = the whole held-out set
   c.eval.samples_per_prompt = 4
@@ -200,6 +207,9 @@ def get_config(arg=None):
   # KL of the policy's sampling path to the pre-trained model's on the held-out samples (one
   # extra pair of guided UNet calls per step and sample): the "distance travelled".
   c.eval.kl_to_pretrained = True
+  # Also evaluate the initial policy once before the first update (eval/before_training.*): the
+  # common origin of every algorithm's curves.
+  c.eval.before_training = True
 
   c.log = ml_collections.ConfigDict()
   c.log.image_grid_every = 1

@@ -25,11 +25,16 @@ Per-prompt rows (prompt, each reward's mean, diversity) go to `<workdir>/eval/ep
 to TensorBoard as a markdown table; a captioned grid of the held-out samples to
 `<workdir>/eval/epoch_EEEE.png`.
 
+With `eval.before_training` the held-out set is also evaluated once before the first update (the
+initial policy: `eval/before_training.{json,csv,png}`, TensorBoard step -1), so the curves of every
+algorithm and seed of one config start from the same point.
+
 The held-out rollouts reuse the trainer's jitted rollout kernel in chunks of `sample.batch_size`
 (the last chunk padded with repeats of its last prompt, dropped afterwards), so they need no new
 compilation and split over the mesh exactly as training samples do.
 """
 import csv
+import json
 import math
 import os
 import time
@@ -49,6 +54,10 @@ from tdpo_jax import sharding as sharding_lib
 
 # Keeps 1 - cos finite for an all-zero embedding (such a pair counts as distance 1).
 NORM_EPS = 1e-12
+# The evaluation before the first update: its files' stem and its TensorBoard step (the epochs
+# are 0, 1, ...; epoch 0's evaluation is after epoch 0's update).
+BEFORE_TRAINING_NAME = "before_training"
+BEFORE_TRAINING_STEP = -1
 
 
 def validate_config(config):
@@ -226,11 +235,50 @@ class Evaluator:
     for name, scores in self.score(images, prompts).items():
       metrics[f"eval/train_prompts/{name}/mean"] = float(np.mean(scores))
       metrics[f"eval/train_prompts/{name}/std"] = float(np.std(scores))
+    heldout_metrics, rows = self.evaluate_heldout(state, frozen, f"epoch_{epoch:04d}", epoch,
+                                                  writer, workdir)
+    metrics.update(heldout_metrics)
+    metrics["time/eval_s"] = time.perf_counter() - tic
+    return metrics, rows
+
+  def evaluate_before_training(self, state, frozen, writer=None, workdir=None):
+    """The held-out evaluation of the initial policy: every curve's common origin.
+
+    Run once before the first update (`eval.before_training`); with the fixed key `eval.seed`
+    every algorithm and seed of one config starts from the same images, so their curves share
+    this point. Writes `eval/before_training.{json,csv,png}` (process 0) and logs the scalars
+    to TensorBoard at step `BEFORE_TRAINING_STEP`; metrics.jsonl keeps one line per epoch.
+
+    Returns:
+      the metrics dict (`eval/heldout/...`, `time/eval_s`).
+    """
+    tic = time.perf_counter()
+    metrics, _ = self.evaluate_heldout(state, frozen, BEFORE_TRAINING_NAME, BEFORE_TRAINING_STEP,
+                                       writer, workdir)
+    metrics["time/eval_s"] = time.perf_counter() - tic
+    if workdir is not None and jax.process_index() == 0:
+      write_json_atomic(before_training_path(workdir), metrics)
+      if writer is not None:
+        writer.write_scalars(BEFORE_TRAINING_STEP, metrics)
+    return metrics
+
+  def evaluate_heldout(self, state, frozen, name, step, writer=None, workdir=None):
+    """Samples and scores the held-out set with the current policy.
+
+    Args:
+      state, frozen: as in `evaluate`.
+      name: file stem of the table and grid under `<workdir>/eval/`.
+      step: the TensorBoard step of the table and grid.
+      writer, workdir: as in `evaluate`.
+    Returns:
+      (metrics dict `eval/heldout/...` of Python floats, per-prompt rows: list of dicts).
+    """
+    metrics = {}
     heldout_images, heldout_prompts, embeds, kls = self.sample_heldout(state, frozen)
     heldout = self.score(heldout_images, heldout_prompts)
-    for name, scores in heldout.items():
-      metrics[f"eval/heldout/{name}/mean"] = float(np.mean(scores))
-      metrics[f"eval/heldout/{name}/std"] = float(np.std(scores))
+    for reward_name, scores in heldout.items():
+      metrics[f"eval/heldout/{reward_name}/mean"] = float(np.mean(scores))
+      metrics[f"eval/heldout/{reward_name}/std"] = float(np.std(scores))
     if kls is not None:
       metrics["eval/heldout/kl_to_pretrained"] = float(np.mean(kls))
     shape = (len(self.prompts), self.samples_per_prompt)
@@ -241,24 +289,47 @@ class Evaluator:
     rows = []
     for p, prompt in enumerate(self.prompts):
       row = {"prompt": prompt}
-      row.update({name: float(np.mean(scores.reshape(shape)[p])) for name, scores in heldout.items()})
+      row.update({reward_name: float(np.mean(scores.reshape(shape)[p]))
+                  for reward_name, scores in heldout.items()})
       if diversity is not None:
         row["diversity"] = float(diversity[p])
       if kls is not None:
         row["kl_to_pretrained"] = float(np.mean(kls.reshape(shape)[p]))
       rows.append(row)
-    metrics["time/eval_s"] = time.perf_counter() - tic
     if workdir is not None and jax.process_index() == 0:
-      write_table(workdir, epoch, rows, writer)
+      write_table(workdir, name, step, rows, writer)
       count = min(len(heldout_prompts), self.config.log.num_grid_images)
       captions = [f"{p} | " + " ".join(f"{n} {heldout[n][i]:.3g}" for n in heldout)
                   for i, p in enumerate(heldout_prompts[:count])]
-      path = images_lib.save_grid(os.path.join(workdir, "eval", f"epoch_{epoch:04d}.png"),
+      path = images_lib.save_grid(os.path.join(workdir, "eval", f"{name}.png"),
                                   heldout_images[:count], captions,
                                   columns=self.samples_per_prompt)
       if writer is not None:
-        writer.write_image(epoch, "eval/heldout_samples", path)
+        writer.write_image(step, "eval/heldout_samples", path)
     return metrics, rows
+
+
+def before_training_path(workdir):
+  """`<workdir>/eval/before_training.json`: the held-out metrics of the initial policy."""
+  return os.path.join(workdir, "eval", f"{BEFORE_TRAINING_NAME}.json")
+
+
+def read_before_training(workdir):
+  """The metrics `Evaluator.evaluate_before_training` wrote in `workdir`, or None."""
+  path = before_training_path(workdir)
+  if not os.path.exists(path):
+    return None
+  with open(path) as file:
+    return json.load(file)
+
+
+def write_json_atomic(path, data):
+  """Writes `data` as JSON through a temp file renamed over `path` (a kill leaves no half file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  temp = f"{path}.tmp{os.getpid()}"
+  with open(temp, "w") as file:
+    json.dump(data, file, indent=2)
+  os.replace(temp, path)
 
 
 def markdown_table(rows):
@@ -272,15 +343,15 @@ def markdown_table(rows):
   return "\n".join(lines)
 
 
-def write_table(workdir, epoch, rows, writer=None):
-  """Writes `<workdir>/eval/epoch_EEEE.csv` and the markdown table to TensorBoard."""
+def write_table(workdir, name, step, rows, writer=None):
+  """Writes `<workdir>/eval/<name>.csv` and the markdown table to TensorBoard at `step`."""
   directory = os.path.join(workdir, "eval")
   os.makedirs(directory, exist_ok=True)
-  path = os.path.join(directory, f"epoch_{epoch:04d}.csv")
+  path = os.path.join(directory, f"{name}.csv")
   with open(path, "w", newline="", encoding="utf-8") as f:
     table = csv.DictWriter(f, fieldnames=list(rows[0]))
     table.writeheader()
     table.writerows(rows)
   if writer is not None:
-    writer.write_text(epoch, "eval/heldout_table", markdown_table(rows))
+    writer.write_text(step, "eval/heldout_table", markdown_table(rows))
   return path

@@ -54,6 +54,17 @@ class MetricWriter:
     if self.wandb_run is not None:
       self.wandb_run.log({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
+  def write_scalars(self, step, metrics):
+    """Logs scalars to TensorBoard / W&B only (not metrics.jsonl, one line per epoch): for the
+    evaluation before training, at step -1."""
+    if not self.active:
+      return
+    for key, value in metrics.items():
+      self.tensorboard.add_scalar(key, value, step)
+    self.tensorboard.flush()
+    if self.wandb_run is not None and step >= 0:  # W&B steps must not decrease or be negative
+      self.wandb_run.log(dict(metrics), step=step)
+
   def write_image(self, epoch, tag, path):
     """Logs the PNG at `path` (an image grid) under `tag`."""
     if self.active:

@@ -705,13 +705,18 @@ def summary_line(metrics):
     parts.append("dormant " + "/".join(f"{d:.2f}" for d in dormant))
   if "reset/num_reset" in metrics:
     parts.append(f"reset {int(metrics['reset/num_reset'])} neurons")
-  # Evaluation epochs: the mean of each eval reward on the fixed-key samples.
-  evaluated = sorted(k for k in metrics if k.startswith("eval/heldout/") and k.endswith("/mean"))
+  evaluated = eval_summary(metrics)
   if evaluated:
-    parts.append("eval " + " ".join(
-        f"{k[len('eval/heldout/'):-len('/mean')]} {metrics[k]:.4f}" for k in evaluated))
+    parts.append(evaluated)
   parts.append(f"{metrics['time/epoch_s']:.1f} s")
   return " | ".join(parts)
+
+
+def eval_summary(metrics):
+  """`eval <reward> <mean> ...` of the fixed-key samples' rewards in `metrics` ("" if none)."""
+  evaluated = sorted(k for k in metrics if k.startswith("eval/heldout/") and k.endswith("/mean"))
+  return ("eval " + " ".join(f"{k[len('eval/heldout/'):-len('/mean')]} {metrics[k]:.4f}"
+                             for k in evaluated)) if evaluated else ""
 
 
 class RunHistory(list):
@@ -806,6 +811,11 @@ def _train_in_workdir(config, workdir):
   stop, restore_handler = install_stop_handler()
   every = config.checkpoint.every_epochs
   try:
+    if evaluator.enabled and config.eval.before_training and int(state.epoch) == 0:
+      # Every curve's common origin: the initial policy (a rerun before the first checkpoint
+      # recomputes the same numbers: the held-out key is fixed).
+      origin = evaluator.evaluate_before_training(state, frozen, writer, workdir)
+      logging.info("before training | %s | %.1f s", eval_summary(origin), origin["time/eval_s"])
     epochs = tqdm.trange(int(state.epoch), config.num_epochs, desc="epochs",
                          disable=not config.log.progress)
     for _ in epochs:

@@ -8,6 +8,8 @@
 - The train-prompt scores equal the JPEG sizes PIL gives for the same images; the held-out
   samples are identical across calls with the same state (fixed key) and across a 1- and a
   2-device mesh.
+- The evaluation before training is the held-out evaluation of the initial state (KL to the
+  pre-trained model exactly 0), written beside the epochs' and not into metrics.jsonl.
 """
 import csv
 import io
@@ -132,6 +134,25 @@ def test_run_logs_every_eval_metric(run_dir):
     logged = [json.loads(line) for line in f]
   assert len(logged) == 2  # one line per epoch, eval included
   assert logged[1]["eval/heldout/diversity"] == history[1]["eval/heldout/diversity"]
+
+
+def test_run_evaluates_the_initial_policy_once_before_training(run_dir, trainer_and_evaluator):
+  workdir, _ = run_dir
+  origin = evaluation.read_before_training(workdir)
+  # The initial policy is the pre-trained model (LoRA B = 0): its path KL is exactly 0, and its
+  # scores are those of an evaluation of a fresh initial state (the same fixed key).
+  assert origin["eval/heldout/kl_to_pretrained"] == 0.0
+  trainer, evaluator = trainer_and_evaluator
+  expected, rows = evaluator.evaluate_heldout(trainer.init_state(), trainer.frozen_params(),
+                                              "unused", 0)
+  for name in EVAL_REWARDS:
+    np.testing.assert_allclose(origin[f"eval/heldout/{name}/mean"],
+                               expected[f"eval/heldout/{name}/mean"], rtol=1e-6)
+  with open(os.path.join(workdir, "eval", "before_training.csv"), newline="") as f:
+    assert [r["prompt"] for r in csv.DictReader(f)] == [r["prompt"] for r in rows]
+  assert os.path.isfile(os.path.join(workdir, "eval", "before_training.png"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert [json.loads(line)["epoch"] for line in f] == [0, 1]
 
 
 def test_run_writes_per_prompt_table(run_dir):

@@ -214,7 +214,14 @@ def test_reduced_benchmark_end_to_end(tmp_path, capsys):
       "dormant_l0", "dormant_l1", "dormant_l2", "dormant_l3", "num_reset", "approx_kl",
       "clipfrac", "epoch_s", "eval_s"]
   assert [(r["preset"], r["algorithm"], r["seed"], r["epoch"]) for r in rows] == [
-      ("aesthetic", a, "0", str(e)) for a in ("ddpo", "tdpo_r") for e in range(2)]
+      ("aesthetic", a, "0", str(e)) for a in ("ddpo", "tdpo_r") for e in range(-1, 2)]
+  # Epoch -1: the pre-trained policy's fixed-key eval, the same for every algorithm (the curves'
+  # common origin), and nothing else.
+  origins = [r for r in rows if r["epoch"] == "-1"]
+  assert origins[0]["eval_aesthetic"] == origins[1]["eval_aesthetic"] != ""
+  assert origins[0]["eval_gold"] == origins[1]["eval_gold"] != ""
+  assert all(r["proxy"] == r["ev"] == r["approx_kl"] == "" for r in origins)
+  rows = [r for r in rows if r["epoch"] != "-1"]
   critic = ["ev", "ev_late", *states, "dormant_l0", "dormant_l1", "dormant_l2", "dormant_l3",
             "num_reset"]  # reset.period=1: a reset every epoch
   for row in rows:
@@ -235,7 +242,7 @@ def test_reduced_benchmark_end_to_end(tmp_path, capsys):
   first = [(float(r["proxy"]), float(r["gold"])) for r in rows if r["epoch"] == "0"]
   np.testing.assert_allclose(first, [first[0]] * len(first), rtol=1e-6)
   with open(results / "rows" / "tdpo_r_seed0.csv") as file:
-    assert list(csv.DictReader(file)) == rows[2:]
+    assert [r for r in csv.DictReader(file) if r["epoch"] != "-1"] == rows[2:]
   sizes = {"reward_vs_epoch.png": (1100, 800), "gold_vs_proxy.png": (1100, 450),
            "critic.png": (1100, 800), "kl_diversity.png": (1100, 450)}
   for name, size in sizes.items():
