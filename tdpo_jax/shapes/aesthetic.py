@@ -98,10 +98,7 @@ def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
 
 def load_params(weights):
   """AestheticNet params from a msgpack written by `python -m tdpo_jax.shapes.aesthetic`."""
-  if not weights:
-    raise ValueError("config.rewards.shapes_aesthetic.weights is empty; expected a msgpack "
-                     "written by `python -m tdpo_jax.shapes.aesthetic --out FILE`")
-  return jax.tree.map(jnp.asarray, convert.load_msgpack(weights))
+  return proxy.load_weights(weights, "shapes_aesthetic", "tdpo_jax.shapes.aesthetic")
 
 
 def make_reward_fn(weights, cache_dir=""):

@@ -179,13 +179,19 @@ def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
                         learning_rate)
 
 
+def load_weights(weights, reward_name, module):
+  """The params in the msgpack `weights` written by `python -m <module> --out FILE`; a one-line
+  ValueError naming `config.rewards.<reward_name>.weights` if it is empty."""
+  if not weights:
+    raise ValueError(f"config.rewards.{reward_name}.weights is empty; expected a msgpack "
+                     f"written by `python -m {module} --out FILE`")
+  return jax.tree.map(jnp.asarray, convert.load_msgpack(weights))
+
+
 def make_reward_fn(weights, cache_dir=""):
   """`reward_fn(images (B, S, S, 3) in [0, 1], prompts) -> (B,)` from a msgpack of ProxyNet."""
   del cache_dir
-  if not weights:
-    raise ValueError("config.rewards.shapes_proxy.weights is empty; expected a msgpack written "
-                     "by `python -m tdpo_jax.shapes.proxy --out FILE`")
-  params = jax.tree.map(jnp.asarray, convert.load_msgpack(weights))
+  params = load_weights(weights, "shapes_proxy", "tdpo_jax.shapes.proxy")
   net = ProxyNet()
   apply = jax.jit(lambda p, x, w: net.apply({"params": p}, x, w))
 
