@@ -34,14 +34,22 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
-_PROBE = flags.DEFINE_enum("probe", "ascent", ["ascent", "backprop"], "Which probe.")
-_STEPS = flags.DEFINE_integer("steps", 200, "Ascent / Adam steps.")
-_LEARNING_RATE = flags.DEFINE_float(
-    "learning_rate", 0.05, "ascent: RMS length of each latent step; backprop: Adam's lr.")
-_EVERY = flags.DEFINE_integer("every", 25, "Print (and save) every this many steps.")
-_OUT = flags.DEFINE_string("out", "", "Directory for the CSV and image grids (optional).")
-flags.mark_flags_as_required(["config"])
+# The flags are defined only when this file runs as a script (`define_flags`), so that tests can
+# import its functions beside another script that defines `--config` too.
+_CONFIG = _PROBE = _STEPS = _LEARNING_RATE = _EVERY = _OUT = None
+
+
+def define_flags():
+  global _CONFIG, _PROBE, _STEPS, _LEARNING_RATE, _EVERY, _OUT  # noqa: PLW0603
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+  _PROBE = flags.DEFINE_enum("probe", "ascent", ["ascent", "backprop"], "Which probe.")
+  _STEPS = flags.DEFINE_integer("steps", 200, "Ascent / Adam steps.")
+  _LEARNING_RATE = flags.DEFINE_float(
+      "learning_rate", 0.05, "ascent: RMS length of each latent step; backprop: Adam's lr.")
+  _EVERY = flags.DEFINE_integer("every", 25, "Print (and save) every this many steps.")
+  _OUT = flags.DEFINE_string("out", "", "Directory for the CSV and image grids (optional).")
+  flags.mark_flags_as_required(["config"])
+
 
 GRID_COLUMNS = 8
 GRID_IMAGES = 16
@@ -188,4 +196,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

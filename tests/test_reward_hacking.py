@@ -9,7 +9,7 @@ import pytest
 from tests import helpers
 
 
-@functools.lru_cache(maxsize=None)  # once: the script defines absl flags at import
+@functools.lru_cache(maxsize=None)
 def _probe():
   return helpers.load_script("benchmarks/reward_hacking.py", "reward_hacking")
 
