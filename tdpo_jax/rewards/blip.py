@@ -77,7 +77,7 @@ def _check_heads(width, heads, what):
 
 
 def attention(query, key, value, bias, dtype):
-  """Multi-head scaled dot-product attention.
+  """Multi-head scaled dot-product attention (`jax.nn.dot_product_attention`, as the UNet and CLIP).
 
   Args:
     query: (B, L_q, H, d_h).
@@ -87,13 +87,9 @@ def attention(query, key, value, bias, dtype):
   Returns:
     (B, L_q, H · d_h): softmax(q kᵀ / √d_h + bias) v, heads concatenated.
   """
-  head_dim = query.shape[-1]
-  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key,
-                      preferred_element_type=jnp.float32) * head_dim ** -0.5
   if bias is not None:
-    logits = logits + bias
-  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  output = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+    bias = bias.astype(query.dtype)
+  output = jax.nn.dot_product_attention(query, key, value, bias=bias).astype(dtype)
   return output.reshape(output.shape[:2] + (-1,))
 
 
