@@ -9,10 +9,11 @@ INSTALL_REQUIRES = [
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "ml_collections==1.1.0",
-    "diffusers==0.39.0",
-    "transformers==4.57.6",
-    "huggingface-hub==0.36.2",
-    "tokenizers==0.22.2",
+    # The CLIP / BERT tokenizers and model configs. No Flax model class of transformers (v5 has
+    # none) or diffusers is used: the networks are tdpo_jax.models' own (DESIGN §6).
+    "transformers==5.24.0",
+    "huggingface-hub==2.4.0",
+    "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "absl-py==2.5.1",
@@ -34,5 +35,8 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     # torch is only for parity tests against the PyTorch reference implementations; never a
     # runtime requirement. 2.13.0 is a CPU wheel (a range would pull a multi-GB CUDA build).
-    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0"]},
+    # diffusers (PyTorch UNet2DConditionModel / AutoencoderKL) likewise: the reference of the
+    # model parity tests only.
+    extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0",
+                             "diffusers==0.42.1"]},
 )

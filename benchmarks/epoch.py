@@ -276,10 +276,8 @@ def format_table(results, peak, peak_note, device, memory):
 
 def main(argv):
   del argv
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  diffusers.utils.logging.set_verbosity_error()
   # A fresh persistent cache: AOT compile times are cold, and the warm-up epoch loads them.
   cache = tempfile.mkdtemp(prefix="tdpo_jax_bench_cache_")
   jax.config.update("jax_compilation_cache_dir", cache)

@@ -60,20 +60,20 @@ SD15_SCHEDULER = dict(
 
 def abstract_pipeline(spec):
   """A `Pipeline` whose params are ShapeDtypeStructs (no weights), from architecture dicts."""
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   from tdpo_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
   rng = jax.random.key(0)
-  unet = diffusers.FlaxUNet2DConditionModel.from_config(dict(spec["unet"]))
+  unet = unet_lib.from_diffusers_config(dict(spec["unet"]))
   vae_config = dict(spec["vae"])
   scaling = vae_config.pop("scaling_factor", 0.18215)
-  vae = diffusers.FlaxAutoencoderKL.from_config(vae_config)
-  text = pipeline_lib.text_encoder_module(transformers.CLIPTextConfig(**spec["text_encoder"]))
-  vision = transformers.CLIPVisionConfig(**spec["image_encoder"])
-  encoder = image_encoder_lib.ImageEncoder(config=vision, resize_size=vision.image_size,
-                                           crop_size=vision.image_size)
+  vae = vae_lib.from_diffusers_config(vae_config)
+  text = pipeline_lib.text_encoder_module(dict(spec["text_encoder"]))
+  vision = dict(spec["image_encoder"])
+  encoder = image_encoder_lib.ImageEncoder(config=vision, resize_size=vision["image_size"],
+                                           crop_size=vision["image_size"])
   return pipeline_lib.Pipeline(
       unet=unet, unet_params=jax.eval_shape(unet.init_weights, rng),
       vae=vae, vae_params=jax.eval_shape(vae.init_weights, rng),
@@ -102,7 +102,6 @@ def _report(name, compiled, budget_gib, seconds):
 
 def main(argv):
   del argv
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tdpo_jax import critic as critic_lib  # pylint: disable=g-import-not-at-top
@@ -110,7 +109,6 @@ def main(argv):
   from tdpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
-  diffusers.utils.logging.set_verbosity_error()
   config = _CONFIG.value.copy_and_resolve_references()
   if config.pretrained.get("tiny"):
     spec = config.pretrained.tiny

@@ -19,12 +19,10 @@ flags.mark_flags_as_required(["config"])
 
 def main(argv):
   del argv
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tdpo_jax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import rollout  # pylint: disable=g-import-not-at-top
   from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  diffusers.utils.logging.set_verbosity_error()
   config = _CONFIG.value
   pipeline = pipeline_lib.load_pipeline(
       config.pretrained.model, cache_dir=config.pretrained.cache_dir,

@@ -48,11 +48,9 @@ def configure(config, num_devices):
 
 def measure(num_devices):
   """Runs in the child: returns a dict of the measurements on `num_devices` devices."""
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tdpo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train  # pylint: disable=g-import-not-at-top
-  diffusers.utils.logging.set_verbosity_error()
   if jax.device_count() < num_devices:
     raise SystemExit(f"expected >= {num_devices} devices, got {jax.device_count()}")
   config = configure(_CONFIG.value, num_devices)

@@ -115,9 +115,10 @@ def get_config(arg=None):
   # activation memory, fewer and larger kernels. Dropout masks of the critic are drawn once per
   # step instead of once per micro-batch (same distribution).
   c.train.fuse_micro_batches = False
-  # jax.checkpoint (rematerialisation) of the UNet in the train step: recompute its activations
-  # in the backward pass instead of storing them (saves memory, costs ~1/3 more UNet FLOPs).
-  c.train.remat = True
+  # Rematerialisation of the UNet in the train step: recompute its activations in the backward
+  # pass instead of storing them (saves memory, costs ~1/3 more UNet FLOPs). "unet": one
+  # jax.checkpoint around the UNet call; "blocks": one per down/mid/up block; "none".
+  c.train.remat = "unet"
 
   c.lora = ml_collections.ConfigDict()
   c.lora.enabled = True  # False = full fine-tuning of the UNet

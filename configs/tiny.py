@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.train.batch_size = 2
   c.train.gradient_accumulation_steps = 4
   c.critic.embed_chunk_size = 0  # all 80 states in one call
-  c.train.remat = False
+  c.train.remat = "none"  # or "unet" / "blocks" (configs/sd15.py)
   c.reset.period = 2
   c.log.num_grid_images = 8
   # Two cheap eval rewards, diversity with the tiny 32-d image encoder; 2 prompts x 2 samples

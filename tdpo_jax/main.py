@@ -44,13 +44,11 @@ def main(argv):
   if _DISTRIBUTED.value:  # before anything touches a JAX backend
     initialize_distributed()
   # Imported here so `--help` is fast and XLA flags from the environment apply first.
-  import diffusers  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train  # pylint: disable=g-import-not-at-top
   if _COMPILATION_CACHE_DIR.value and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.expanduser(_COMPILATION_CACHE_DIR.value))
-  diffusers.utils.logging.set_verbosity_error()  # ~650 "Flax classes are deprecated" lines
   logging.set_verbosity(logging.INFO)
   try:
     history = train.run(_CONFIG.value, _WORKDIR.value)

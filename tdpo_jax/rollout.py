@@ -67,12 +67,12 @@ def guided_eps(pipeline, unet_params, latents, timestep, prompt_embeds, uncond_e
 
 def latent_shape(pipeline, sample_config):
   """(C, h, w) of the latents for the configured image size (VAE downsamples 2^(n-1) times)."""
-  factor = 2 ** (len(pipeline.vae.block_out_channels) - 1)
+  factor = 2 ** pipeline.vae.config.num_downsamplers
   if sample_config.height % factor or sample_config.width % factor:
     raise ValueError(
         f"image size {sample_config.height}x{sample_config.width} must be a multiple of the "
         f"VAE's downsampling factor {factor}")
-  return (pipeline.vae.latent_channels, sample_config.height // factor,
+  return (pipeline.vae.config.latent_channels, sample_config.height // factor,
           sample_config.width // factor)
 
 

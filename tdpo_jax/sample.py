@@ -44,10 +44,8 @@ def sample_images(config, prompts, seed):
 
 def main(argv):
   del argv
-  import diffusers  # pylint: disable=g-import-not-at-top
   from tdpo_jax import images as images_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
-  diffusers.utils.logging.set_verbosity_error()
   config = _CONFIG.value
   try:
     pool = _PROMPTS.value or prompts_lib.load_prompts(config.prompts)

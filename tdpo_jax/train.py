@@ -123,6 +123,9 @@ def validate_config(config):
   if config.reset.period < 1:
     raise ValueError(f"reset.period={config.reset.period} must be >= 1")
   critic_tower.check_name(config.critic.tower)
+  if config.train.remat not in train_step_lib.REMAT_MODES:
+    raise ValueError(f"unknown train.remat {config.train.remat!r}: expected one of "
+                     f"{train_step_lib.REMAT_MODES}")
   if not 0 < config.critic.late_fraction <= 1:
     raise ValueError(f"critic.late_fraction={config.critic.late_fraction} must be in (0, 1]")
   evaluation.validate_config(config)

@@ -17,6 +17,8 @@ k micro-batches equal one batch of k M transitions; `train.fuse_micro_batches` e
 that one batch instead, trading memory for speed), then applies one AdamW step with global-norm
 clipping to each model (two optimizers). With `use_critic=False` (DDPO) the critic is untouched.
 """
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,12 @@ from tdpo_jax import policy
 from tdpo_jax import rollout
 from tdpo_jax import stats
 from tdpo_jax.models import pipeline as pipeline_lib
+
+# `train.remat`: "none", "unet" (jax.checkpoint around the whole UNet call) or "blocks" (each
+# down/mid/up block rematerialised inside the UNet).
+REMAT_MODES = ("none", "unet", "blocks")
+# What remat keeps: dots without batch dims (weights x activations), cheap to keep, costly to redo.
+REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -115,16 +123,21 @@ def make_train_step(pipeline, critic, config, *, use_critic):
   policy_tx, critic_tx = make_optimizers(train_config)
   gaussian_kl = train_config.kl_mode == "gaussian" and train_config.kl_coef > 0
 
+  if train_config.remat == "blocks":
+    # The same per down/mid/up block (`nn.remat` inside the UNet): the backward pass holds one
+    # block's activations at a time instead of the whole UNet's.
+    pipeline = dataclasses.replace(pipeline, unet=pipeline.unet.clone(
+        remat_blocks=True, remat_policy=REMAT_POLICY))
+
   def eps_fn(unet_params, latents, timesteps, prompt_embeds, uncond_embeds):
     if guidance_scale is None:  # train on the conditional prediction only
       return pipeline_lib.unet_eps(pipeline, unet_params, latents, timesteps, prompt_embeds)
     return rollout.guided_eps(pipeline, unet_params, latents, timesteps, prompt_embeds,
                               uncond_embeds, guidance_scale)
 
-  if train_config.get("remat", False):
-    # Keep only the UNet's inputs for the backward pass and recompute its activations there;
-    # dots without batch dims (weights x activations) are saved (cheap to keep, costly to redo).
-    eps_fn = jax.checkpoint(eps_fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  if train_config.remat == "unet":
+    # Keep only the UNet's inputs for the backward pass and recompute its activations there.
+    eps_fn = jax.checkpoint(eps_fn, policy=getattr(jax.checkpoint_policies, REMAT_POLICY))
   fuse = bool(train_config.get("fuse_micro_batches", False))
 
   def loss_fn(params, frozen, micro, rng):

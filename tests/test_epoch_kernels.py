@@ -73,11 +73,13 @@ def test_train_epoch_scan_equals_step_loop(epoch0):
     _close(metrics[name], np.stack([m[name] for m in looped_metrics]))
 
 
-@pytest.mark.parametrize("switch", ["train.fuse_micro_batches", "train.remat"])
-def test_fused_micro_batches_and_remat_same_update(cache_dir, switch):
+@pytest.mark.parametrize("switch, off, on", [("train.fuse_micro_batches", False, True),
+                                             ("train.remat", "none", "unet"),
+                                             ("train.remat", "none", "blocks")])
+def test_fused_micro_batches_and_remat_same_update(cache_dir, switch, off, on):
   updates = {}
-  for on in (False, True):
-    config = helpers.tiny_config(cache_dir, algorithm="tdpo", **{switch: on})
+  for value in (off, on):
+    config = helpers.tiny_config(cache_dir, algorithm="tdpo", **{switch: value})
     config.critic.dropout_rates = NO_DROPOUT
     trainer = train.Trainer(config)
     frozen, state = trainer.frozen_params(), trainer.init_state()
@@ -85,8 +87,8 @@ def test_fused_micro_batches_and_remat_same_update(cache_dir, switch):
       trajectory, prompt_index = trainer.sample(state, frozen, 0)
       batch = jax.tree.map(lambda x: x[0], helpers.epoch_batches(trainer, state, frozen,
                                                                  trajectory, prompt_index))
-    updates[on] = jax.jit(trainer.train_step_fn)(state, frozen, batch, jax.random.key(0))
-  (scan_state, scan_metrics), (fused_state, fused_metrics) = updates[False], updates[True]
+    updates[value] = jax.jit(trainer.train_step_fn)(state, frozen, batch, jax.random.key(0))
+  (scan_state, scan_metrics), (fused_state, fused_metrics) = updates[off], updates[on]
   # Adam's first step amplifies rounding of near-zero gradients (see test_train): the gradient
   # norm is compared tightly, parameters at 1% of lr.
   np.testing.assert_allclose(fused_metrics["policy/grad_norm"], scan_metrics["policy/grad_norm"],

@@ -1,11 +1,11 @@
-"""Tests for tdpo_jax/lora.py: init, merge, gradients, and the tiny diffusers UNet's targets."""
-import diffusers
+"""Tests for tdpo_jax/lora.py: init, merge, gradients, and the tiny UNet's targets."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tdpo_jax import lora
+from tdpo_jax.models import unet as unet_lib
 
 UNET_TARGETS = (r".*attn[12]/to_(q|k|v|out_0)/kernel$",)
 RANK = 4
@@ -125,13 +125,12 @@ def test_count_params():
   assert lora.count_params({}) == 0
 
 
-def test_tiny_diffusers_unet_targets_and_count():
-  diffusers.utils.logging.set_verbosity_error()
-  unet = diffusers.FlaxUNet2DConditionModel(
+def test_tiny_unet_targets_and_count():
+  unet = unet_lib.from_diffusers_config(dict(
     block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, layers_per_block=1, sample_size=8)
+    cross_attention_dim=32, attention_head_dim=8, layers_per_block=1, sample_size=8))
   # init_weights under eval_shape: the same tree and shapes, without running the ~1 min CPU init.
   shapes = jax.eval_shape(unet.init_weights, jax.random.key(0))
   rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tdpo_jax.models import convert
+from tdpo_jax.models import diffusers_weights
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import tiny
@@ -130,7 +131,7 @@ def test_converted_cache_written_and_reused(tiny_dir, tmp_path, monkeypatch, use
   def fail(*args, **kwargs):
     raise AssertionError("converter called although a converted cache exists")
 
-  monkeypatch.setattr(convert, "diffusers_pytorch_to_flax", fail)
+  monkeypatch.setattr(diffusers_weights, "diffusers_pytorch_to_flax", fail)
   monkeypatch.setattr(convert, "clip_pytorch_to_flax", fail)
   second = pipeline_lib.load_pipeline(directory, cache_dir=cache_dir)
   assert [os.path.getmtime(path) for path in cached] == mtimes
@@ -223,8 +224,9 @@ def test_vae_decode_and_encode_match_pytorch(safetensors_pipeline, torch_models)
 
   pixels = rng.uniform(-1.0, 1.0, (2, 3, 64, 64)).astype(np.float32)  # NCHW in [-1, 1]
   encode_fn = jax.jit(lambda params, x: pipeline.vae.apply(
-      {"params": params}, x, method=pipeline.vae.encode).latent_dist.mean)
-  mean = np.asarray(encode_fn(pipeline.vae_params, pixels)).transpose(0, 3, 1, 2)  # NHWC -> NCHW
+      {"params": params}, x, method=pipeline.vae.encode)[0])
+  mean = np.asarray(encode_fn(pipeline.vae_params, pixels.transpose(0, 2, 3, 1)))  # NHWC
+  mean = mean.transpose(0, 3, 1, 2)  # as PyTorch's NCHW
   with torch.no_grad():
     reference = models["vae"].encode(torch.from_numpy(pixels)).latent_dist.mean.numpy()
   assert _relative_error(mean, reference) < 1e-4

@@ -237,7 +237,9 @@ def test_text_parity_with_pytorch(case):
   with torch.no_grad():
     torch_ids = torch.tensor(TEXT_IDS, dtype=torch.long)
     torch_mask = None if mask is None else torch.tensor(mask)
-    reference = model.text_model(input_ids=torch_ids, attention_mask=torch_mask)
+    # transformers 5's CLIPTextModel is the transformer itself (4.x wrapped it as .text_model).
+    tower = getattr(model, "text_model", model)
+    reference = tower(input_ids=torch_ids, attention_mask=torch_mask)
     text_embeds = model(input_ids=torch_ids, attention_mask=torch_mask).text_embeds \
         if with_projection else None
   outputs = jax.jit(module.apply)({"params": params}, jnp.asarray(TEXT_IDS),
@@ -303,8 +305,11 @@ def test_dual_encoder_parity_with_pytorch(key_format):
   with torch.no_grad():
     torch_ids = torch.tensor(TEXT_IDS, dtype=torch.long)
     reference = model(input_ids=torch_ids, pixel_values=torch.tensor(pixel_values))
+    # transformers 5 returns an output whose pooler_output is the projection (4.x: the tensor).
     text_features = model.get_text_features(input_ids=torch_ids)
+    text_features = getattr(text_features, "pooler_output", text_features)
     image_features = model.get_image_features(pixel_values=torch.tensor(pixel_values))
+    image_features = getattr(image_features, "pooler_output", image_features)
   apply = jax.jit(module.apply, static_argnames="method")
   outputs = apply({"params": params}, jnp.asarray(TEXT_IDS), jnp.asarray(pixel_values))
   for name in ("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"):

@@ -129,6 +129,7 @@ def test_matches_pytorch_and_round_trips(torch_reference):
   module = unet.from_diffusers_config(config)
   params = diffusers_weights.diffusers_pytorch_to_flax(state_dict, module, name)
   error = diffusers_parity.relative_error(_eps(module, params, config), reference)
+  print(f"PARITY UNet {name} eps: max rel {error:.2e}")  # `pytest -s` collects the table
   assert error <= diffusers_parity.FLOAT32_TOLERANCE, (name, error)
   # Flax -> PyTorch names and layouts -> Flax: exact both ways.
   exported = diffusers_weights.flax_to_pytorch(params)

@@ -84,6 +84,7 @@ def test_matches_pytorch_and_round_trips(torch_reference):
   outputs = _run(module, params, *_tiny_inputs())
   for name, expected in reference.items():
     error = diffusers_parity.relative_error(outputs[name], expected)
+    print(f"PARITY VAE {name}: max rel {error:.2e}")  # `pytest -s` collects the table
     assert error <= diffusers_parity.FLOAT32_TOLERANCE, (name, error)
   exported = diffusers_weights.flax_to_pytorch(params)
   assert sorted(exported) == sorted(state_dict)

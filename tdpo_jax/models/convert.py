@@ -4,18 +4,13 @@ Shape legend: conv kernels are OIHW (out, in, height, width) in PyTorch and HWIO
 kernels are (out, in) in PyTorch and (in, out) in Flax. Norm weights are `weight` in PyTorch and
 `scale` in Flax; embedding tables are `weight` in PyTorch and `embedding` in Flax.
 
-Two naming families:
-  * diffusers (UNet, VAE): Flax module lists are `down_blocks_0`, PyTorch `down_blocks.0`, except
-    names that are genuinely underscored in PyTorch (`linear_1`, `linear_2`). The Flax VAE
-    attention uses `query/key/value/proj_attn` where PyTorch has `to_q/to_k/to_v/to_out.0`.
-    PyTorch -> Flax uses diffusers' own `convert_pytorch_state_dict_to_flax`.
-  * transformers CLIP (text and vision towers): the same dotted path on both sides (layer lists
-    are `layers/0` in Flax), only the leaf names and layouts differ.
+Here: transformers CLIP (text and vision towers), whose Flax and PyTorch names are the same
+dotted path (layer lists are `layers/0` in Flax), only the leaf names and layouts differ; and
+the msgpack / safetensors file IO. The diffusers UNet/VAE naming is `diffusers_weights`.
 
 A flat state dict is `{"a.b.weight": np.ndarray}`; Flax params are nested dicts of arrays.
 """
 import os
-import re
 import tempfile
 
 import flax.serialization
@@ -23,38 +18,12 @@ import flax.traverse_util
 import jax
 import numpy as np
 import safetensors.numpy
-from diffusers.models import modeling_flax_pytorch_utils
 
 # Flax leaf name -> PyTorch leaf name.
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
-# PyTorch module names that really end in `_<digit>` (not a list index).
-_UNDERSCORED_NAMES = frozenset({"linear_1", "linear_2"})
-# The Flax VAE attention block's projections (diffusers >= 0.19 PyTorch names).
-_VAE_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-class _NumpyTensor:
-  """Wraps an array so diffusers' converter can call `.numpy()` on it as on a torch tensor."""
-
-  def __init__(self, array):
-    self.array = array
-
-  def numpy(self):
-    return self.array
-
-
-class _ShapeOnlyModel:
-  """Stands in for a Flax model in diffusers' converter: `init_weights` returns only shapes.
-
-  The converter only reads `.shape` and the key set of the random init, so `jax.eval_shape`
-  avoids materialising (and computing) a full random initialisation.
-  """
-
-  def __init__(self, module):
-    self.module = module
-
-  def init_weights(self, rng):
-    return jax.eval_shape(self.module.init_weights, rng)
+# The top-level Flax scopes of the CLIP towers, which PyTorch keys may omit (see
+# `clip_pytorch_to_flax`).
+_TOWER_PREFIXES = ("text_model", "vision_model")
 
 
 def _flax_leaf_to_pytorch(flax_path, value):
@@ -68,22 +37,6 @@ def _flax_leaf_to_pytorch(flax_path, value):
   return _LEAF_NAMES.get(leaf, leaf), value
 
 
-def diffusers_pytorch_key(flax_path):
-  """PyTorch state-dict key of a diffusers UNet/VAE Flax param path (a tuple of names)."""
-  modules = []
-  for index, name in enumerate(flax_path[:-1]):
-    is_parent_of_leaf = index == len(flax_path) - 2
-    match = re.fullmatch(r"(.+)_(\d+)", name)
-    if is_parent_of_leaf and name in _VAE_ATTENTION_NAMES:
-      modules.append(_VAE_ATTENTION_NAMES[name])
-    elif match and name not in _UNDERSCORED_NAMES:
-      modules.append(f"{match[1]}.{match[2]}")
-    else:
-      modules.append(name)
-  leaf, _ = _flax_leaf_to_pytorch(flax_path, np.zeros(()))
-  return ".".join(modules + [leaf])
-
-
 def clip_pytorch_key(flax_path):
   """PyTorch state-dict key of a transformers CLIP Flax param path (a tuple of names)."""
   leaf, _ = _flax_leaf_to_pytorch(flax_path, np.zeros(()))
@@ -95,7 +48,7 @@ def flax_to_pytorch(params, key_fn):
 
   Args:
     params: nested dict of arrays (Flax layout).
-    key_fn: `diffusers_pytorch_key` or `clip_pytorch_key`.
+    key_fn: Flax path -> PyTorch key (`clip_pytorch_key`).
   Returns:
     {pytorch_key: np.ndarray in PyTorch layout}.
   """
@@ -135,27 +88,12 @@ def expected_param_shapes(init_fn, *args):
   return flax.traverse_util.flatten_dict(jax.eval_shape(init_fn, *args))
 
 
-def diffusers_pytorch_to_flax(state_dict, module, source):
-  """PyTorch UNet/VAE state dict -> Flax params, via diffusers' converter, in NumPy.
-
-  Args:
-    state_dict: {pytorch_key: np.ndarray}.
-    module: the diffusers Flax module (`FlaxUNet2DConditionModel`, `FlaxAutoencoderKL`).
-    source: file name used in error messages.
-  Returns:
-    nested dict of float32 NumPy arrays in Flax layout.
-  """
-  wrapped = {key: _NumpyTensor(np.asarray(value)) for key, value in state_dict.items()}
-  converted = modeling_flax_pytorch_utils.convert_pytorch_state_dict_to_flax(
-      wrapped, _ShapeOnlyModel(module))
-  flat = {path: np.asarray(value) for path, value in
-          flax.traverse_util.flatten_dict(converted).items()}
-  expected = expected_param_shapes(module.init_weights, jax.random.key(0))
-  return _check_and_cast(flat, expected, source)
-
-
 def clip_pytorch_to_flax(state_dict, expected_shapes, source):
   """PyTorch CLIP (text or vision) state dict -> Flax params, driven by the Flax param names.
+
+  A tower's keys are read with their `text_model.` / `vision_model.` prefix (the hub's files,
+  transformers < 5) or without it (transformers 5 saves `CLIPTextModel` / `CLIPVisionModel`
+  without the wrapper's prefix).
 
   Args:
     state_dict: {pytorch_key: np.ndarray}.
@@ -167,6 +105,8 @@ def clip_pytorch_to_flax(state_dict, expected_shapes, source):
   flat = {}
   for path in expected_shapes:
     key = clip_pytorch_key(path)
+    if key not in state_dict and path[0] in _TOWER_PREFIXES:
+      key = clip_pytorch_key(path[1:])
     if key not in state_dict:
       continue  # reported by _check_and_cast
     value = np.asarray(state_dict[key])

@@ -16,7 +16,7 @@ Layouts: conv kernels HWIO (Flax) <-> OIHW (PyTorch); dense kernels (in, out) <-
 LDM-converted VAE attention) is read as the (out, in) matrix it is.
 
 The functions mirror `models.convert` (`diffusers_pytorch_key`, `flax_to_pytorch`,
-`diffusers_pytorch_to_flax`), with this module's UNet/VAE in place of diffusers' Flax classes.
+`diffusers_pytorch_to_flax` there before), for this module's UNet/VAE.
 """
 import re
 

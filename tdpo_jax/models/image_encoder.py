@@ -1,22 +1,22 @@
-"""CLIP image tower with projection (CLIPVisionModelWithProjection in Flax) and CLIP preprocessing.
+"""CLIP image tower with projection (CLIPVisionModelWithProjection) plus its preprocessing.
 
 Shape legend: B batch, H/W image height/width, S the encoder's input size (config.image_size),
-d the projection width. Images are NHWC float32 in [0, 1]; CLIP `pixel_values` are NCHW (the
-Flax vision transformer itself runs NHWC: `ImageEncoder` transposes).
+d the projection width. Images are NHWC float32 in [0, 1]; CLIP `pixel_values` are NCHW.
 
-transformers 4.57 has no FlaxCLIPVisionModelWithProjection: `ImageEncoder` is the Flax vision
-transformer plus a bias-free `visual_projection`, with the param names of `FlaxCLIPModel`
-(`vision_model/...`, `visual_projection/kernel`), so PyTorch `vision_model.*` and
-`visual_projection.weight` keys map one to one.
+`ImageEncoder` is `clip.ClipVisionModelWithProjection` (the vision transformer plus a bias-free
+`visual_projection`, params `vision_model/...`, `visual_projection/kernel`, so PyTorch
+`vision_model.*` and `visual_projection.weight` keys map one to one) together with the
+preprocessing constants of its directory's `preprocessor_config.json`.
 """
 import json
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import transformers
-from transformers.models.clip import modeling_flax_clip
+
+from tdpo_jax.models import clip
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,32 +26,39 @@ class ImageEncoder(nn.Module):
   """CLIP vision tower + projection: pixel_values (B,3,S,S) NCHW -> image_embeds (B,d).
 
   Attributes:
-    config: `transformers.CLIPVisionConfig` (with `projection_dim`).
+    config: `clip.VisionConfig` (with `projection_dim`); a `CLIPVisionConfig` or a dict is
+      read into one (`clip.vision_config`).
     resize_size: shortest edge the image is resized to before cropping.
     crop_size: side of the center crop (the encoder's input size).
     image_mean, image_std: per-channel normalisation constants (RGB).
+    dtype: compute dtype (params stay float32).
+    remat: rematerialise each encoder layer in the backward pass.
   """
-  config: transformers.CLIPVisionConfig
+  config: Any
   resize_size: int
   crop_size: int
   image_mean: tuple = CLIP_MEAN
   image_std: tuple = CLIP_STD
-  dtype: jnp.dtype = jnp.float32
+  dtype: Any = jnp.float32
+  remat: bool = False
 
-  def setup(self):
-    self.vision_model = modeling_flax_clip.FlaxCLIPVisionTransformer(self.config, dtype=self.dtype)
-    self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+  def __post_init__(self):
+    object.__setattr__(self, "config", clip.vision_config(self.config))
+    super().__post_init__()
 
+  @nn.compact
   def __call__(self, pixel_values):
     """pixel_values (B,3,S,S) NCHW, CLIP-normalised -> image_embeds (B,d), not L2-normalised."""
-    pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))  # NCHW -> NHWC for the Flax conv
-    outputs = self.vision_model(pixel_values=pixel_values, deterministic=True)
-    return self.visual_projection(outputs.pooler_output)
+    # Built inline, not as a `clip.ClipVisionModelWithProjection` submodule (which would add a
+    # scope level): the tree stays `vision_model/...`, `visual_projection/kernel`.
+    outputs = clip.ClipVisionTransformer(self.config, self.dtype, self.remat,
+                                         name="vision_model")(pixel_values)
+    return nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                    name="visual_projection")(outputs.pooler_output)
 
   def init_weights(self, rng):
     """Random params (used for shapes via `jax.eval_shape` and by the tiny builder)."""
-    size = self.config.image_size
-    return self.init(rng, jnp.zeros((1, 3, size, size), jnp.float32))["params"]
+    return clip.init_vision_params(self, rng)
 
 
 def read_preprocessor_config(directory, image_size):

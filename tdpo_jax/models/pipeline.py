@@ -1,8 +1,12 @@
 """Loading a Stable-Diffusion-shaped pipeline (diffusers directory layout) into Flax modules.
 
 Shape legend: B batch, L text length (77), D text hidden width, C/h/w latent channels/height/
-width, H/W image height/width. Latents are NCHW (what the Flax UNet takes); the Flax VAE
-decoder runs NHWC (`decode_latents` transposes explicitly); images are NHWC float32 in [0,1].
+width, H/W image height/width. Latents are NCHW at this API (the UNet transposes to NHWC inside);
+the VAE is NHWC in and out (`decode_latents` transposes the latents once); images are NHWC
+float32 in [0,1].
+
+The networks are the project's own Flax modules (`unet`, `vae`, `clip`); diffusers and
+transformers provide only the directory layout, the configs and the CLIP tokenizer.
 
 A model spec is one of
   * a local diffusers-format directory: model_index.json, unet/, vae/, text_encoder/,
@@ -10,7 +14,8 @@ A model spec is one of
   * "tiny:<seed>": a tiny random pipeline built once (`tiny.build_tiny_pipeline`) into a cache dir;
   * a hub id ("org/name"): downloaded with `huggingface_hub.snapshot_download`.
 Each component dir holds Flax msgpack weights, or PyTorch safetensors that are converted in
-NumPy (no torch) and cached as msgpack for the next load.
+NumPy (no torch, `diffusers_weights` for the UNet/VAE, `convert` for CLIP) and cached as msgpack
+for the next load.
 """
 import dataclasses
 import hashlib
@@ -21,15 +26,17 @@ import re
 import shutil
 import tempfile
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from transformers.models.clip import modeling_flax_clip
 
+from tdpo_jax.models import clip
 from tdpo_jax.models import convert
+from tdpo_jax.models import diffusers_weights
 from tdpo_jax.models import image_encoder as image_encoder_lib
+from tdpo_jax.models import unet as unet_lib
+from tdpo_jax.models import vae as vae_lib
 
 DIFFUSERS_WEIGHTS = ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors")
 TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors")
@@ -55,11 +62,11 @@ class Pipeline:
   `eq=False` keeps identity hashing (params are dicts), so a pipeline can be closed over or
   passed as a static argument to `jax.jit`.
   """
-  unet: diffusers.FlaxUNet2DConditionModel
+  unet: unet_lib.UNet2DConditionModel
   unet_params: dict
-  vae: diffusers.FlaxAutoencoderKL
+  vae: vae_lib.AutoencoderKL
   vae_params: dict
-  text_encoder: modeling_flax_clip.FlaxCLIPTextModule
+  text_encoder: clip.ClipTextModel
   text_encoder_params: dict
   tokenizer: transformers.CLIPTokenizer
   scheduler_config: dict
@@ -196,19 +203,27 @@ def _load_weights(component_dir, file_names, convert_fn, expected_shapes, cache_
   return jax.tree.map(jnp.asarray, params)
 
 
-def _load_diffusers_component(directory, module_class, cache_dir):
-  """(module, params) of a diffusers UNet/VAE directory."""
+def _load_diffusers_component(directory, from_config, cache_dir):
+  """(module, params, config values) of a diffusers UNet/VAE directory.
+
+  Args:
+    from_config: `unet.from_diffusers_config` or `vae.from_diffusers_config`.
+  """
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise ModelLoadError(f"missing config file {config_path!r}; expected a diffusers config.json")
-  module = module_class.from_config(module_class.load_config(directory))
-  expected = convert.expected_param_shapes(module.init_weights, jax.random.key(0))
+  values = _read_json(config_path)
+  try:
+    module = from_config(values)
+  except (TypeError, ValueError) as error:
+    raise ModelLoadError(f"{config_path}: {error}") from error
+  expected = diffusers_weights.expected_param_shapes(module)
 
   def convert_fn(state_dict, source):
-    return convert.diffusers_pytorch_to_flax(state_dict, module, source)
+    return diffusers_weights.diffusers_pytorch_to_flax(state_dict, module, source)
 
   params = _load_weights(directory, DIFFUSERS_WEIGHTS, convert_fn, expected, cache_dir)
-  return module, params
+  return module, params, values
 
 
 def _load_clip_component(directory, module, init_fn, cache_dir):
@@ -231,35 +246,30 @@ def _read_config(directory, config_class):
 
 
 def text_encoder_module(config):
-  """The Flax CLIP text module (float32) for a `transformers.CLIPTextConfig`."""
-  return modeling_flax_clip.FlaxCLIPTextModule(config=config, dtype=jnp.float32)
+  """The CLIP text module (`clip.ClipTextModel`, float32) of a `CLIPTextConfig`, dict or
+  `clip.TextConfig`."""
+  return clip.ClipTextModel(clip.text_config(config))
 
 
 def text_encoder_init_fn(module):
-  """rng -> random params of a Flax CLIP text module (input (1, max_position_embeddings))."""
-  length = module.config.max_position_embeddings
-
-  def init_fn(rng):
-    input_ids = jnp.zeros((1, length), jnp.int32)
-    position_ids = jnp.arange(length)[None]
-    return module.init(rng, input_ids, jnp.ones_like(input_ids), position_ids)["params"]
-
-  return init_fn
+  """rng -> random params of a CLIP text module (input (1, max_position_embeddings))."""
+  return lambda rng: clip.init_text_params(module, rng)
 
 
 def load_text_encoder(directory, cache_dir=""):
-  """(FlaxCLIPTextModule, params) from a CLIPTextModel directory (msgpack or safetensors)."""
+  """(clip.ClipTextModel, params) from a CLIPTextModel directory (msgpack or safetensors)."""
   config = _read_config(directory, transformers.CLIPTextConfig)
   module = text_encoder_module(config)
   return module, _load_clip_component(directory, module, text_encoder_init_fn(module), cache_dir)
 
 
 def read_vision_config(directory):
-  """The vision `CLIPVisionConfig` (with the right `projection_dim`) of a CLIP directory.
+  """The `clip.VisionConfig` (with the right `projection_dim`) of a CLIP directory.
 
   Accepts a CLIPModel directory (then `projection_dim` is the top-level one: transformers'
   `CLIPVisionConfig.from_pretrained` would return the vision sub-config's default 512) or a
-  CLIPVisionModelWithProjection directory.
+  CLIPVisionModelWithProjection directory. transformers' config classes read the file (they
+  fill the defaults a saved config omits).
   """
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
@@ -269,10 +279,9 @@ def read_vision_config(directory):
     model_type = json.load(file).get("model_type")
   if model_type == "clip":
     config = transformers.CLIPConfig.from_pretrained(directory)
-    vision_config = config.vision_config
-    vision_config.projection_dim = config.projection_dim
-    return vision_config
-  return transformers.CLIPVisionConfig.from_pretrained(directory)
+    return dataclasses.replace(clip.vision_config(config.vision_config),
+                               projection_dim=config.projection_dim)
+  return clip.vision_config(transformers.CLIPVisionConfig.from_pretrained(directory))
 
 
 def load_image_encoder(directory, cache_dir=""):
@@ -309,7 +318,6 @@ def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
   Raises:
     ModelLoadError: missing directory / subfolder / weight file, malformed spec.
   """
-  diffusers.utils.logging.set_verbosity_error()  # ~650 "Flax classes are deprecated" lines.
   directory = resolve_model_spec(spec, cache_dir=cache_dir, tiny_spec=tiny_spec)
   if not os.path.isfile(os.path.join(directory, "model_index.json")):
     raise ModelLoadError(f"missing {os.path.join(directory, 'model_index.json')!r}; expected a "
@@ -321,10 +329,10 @@ def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
   else:
     encoder_dir = os.path.join(directory, "image_encoder")
     encoder_dir = encoder_dir if os.path.isdir(encoder_dir) else ""
-  unet, unet_params = _load_diffusers_component(
-      folders["unet"], diffusers.FlaxUNet2DConditionModel, cache_dir)
-  vae, vae_params = _load_diffusers_component(
-      folders["vae"], diffusers.FlaxAutoencoderKL, cache_dir)
+  unet, unet_params, _ = _load_diffusers_component(
+      folders["unet"], unet_lib.from_diffusers_config, cache_dir)
+  vae, vae_params, vae_config = _load_diffusers_component(
+      folders["vae"], vae_lib.from_diffusers_config, cache_dir)
   text_encoder, text_encoder_params = load_text_encoder(folders["text_encoder"], cache_dir)
   tokenizer_files = ("vocab.json", "merges.txt")
   for name in tokenizer_files:
@@ -344,7 +352,7 @@ def load_pipeline(spec, *, cache_dir="", image_encoder="", tiny_spec=None):
       text_encoder=text_encoder, text_encoder_params=text_encoder_params, tokenizer=tokenizer,
       scheduler_config=scheduler_config, image_encoder=encoder,
       image_encoder_params=encoder_params,
-      vae_scaling_factor=float(vae.config.get("scaling_factor", DEFAULT_SCALING_FACTOR)))
+      vae_scaling_factor=float(vae_config.get("scaling_factor", DEFAULT_SCALING_FACTOR)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +372,7 @@ def compute_dtype(name):
 def with_precision(pipeline, *, unet="float32", frozen="float32"):
   """The pipeline with its modules computing in the given dtypes; parameters are untouched.
 
-  Flax modules cast their (float32) parameters and inputs to the module's `dtype` per op, so a
+  The modules cast their (float32) parameters and inputs to the module's `dtype` per op, so a
   bfloat16 module over float32 parameters is bf16 compute with fp32 master weights: gradients
   still reach the float32 parameters. The outputs of `encode_text`, `unet_eps`,
   `decode_latents` and `image_encoder.embed_images` are cast back to float32, so everything
@@ -413,9 +421,8 @@ def encode_text(pipeline, text_params, input_ids):
   """
   input_ids = jnp.asarray(input_ids, jnp.int32)
   position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-  outputs = pipeline.text_encoder.apply(
-      {"params": text_params}, input_ids, jnp.ones_like(input_ids), position_ids,
-      deterministic=True)
+  outputs = pipeline.text_encoder.apply({"params": text_params}, input_ids,
+                                        position_ids=position_ids)
   return outputs.last_hidden_state.astype(jnp.float32)
 
 
@@ -426,15 +433,14 @@ def unet_eps(pipeline, unet_params, latents, timesteps, context):
     pipeline: a `Pipeline`.
     unet_params: UNet params (LoRA already merged).
     latents: (B, C, h, w) NCHW.
-    timesteps: (B,) or scalar; converted to a jnp array of shape (B,) (a NumPy array would be
-      mis-wrapped by the Flax UNet).
+    timesteps: (B,) or scalar; broadcast to a jnp array of shape (B,).
     context: (B, L, D) text embeddings.
   Returns:
     (B, C, h, w) NCHW.
   """
   timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (latents.shape[0],))
-  return pipeline.unet.apply({"params": unet_params}, latents, timesteps, context,
-                             train=False).sample.astype(latents.dtype)
+  return pipeline.unet.apply({"params": unet_params}, latents, timesteps,
+                             context).astype(latents.dtype)
 
 
 def decode_latents(pipeline, vae_params, latents):
@@ -448,6 +454,5 @@ def decode_latents(pipeline, vae_params, latents):
     images (B, H, W, 3) NHWC float32 in [0, 1].
   """
   latents = jnp.transpose(latents / pipeline.vae_scaling_factor, (0, 2, 3, 1))  # NCHW -> NHWC
-  images = pipeline.vae.apply({"params": vae_params}, latents, method=pipeline.vae.decode).sample
-  images = jnp.transpose(images, (0, 2, 3, 1))  # the Flax VAE returns NCHW
+  images = pipeline.vae.apply({"params": vae_params}, latents, method=pipeline.vae.decode)
   return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

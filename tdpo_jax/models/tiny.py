@@ -6,7 +6,8 @@ latents (NCHW), text (B, 77, 32), a 32x32 CLIP image encoder with a 32-d project
 Weights come from `jax.random` (a per-component `fold_in` of the seed key), scaled per leaf kind
 (`_random_params`); biases and norm scales are random too (not 0 / 1), so parity tests exercise
 them. The same
-weights are written as Flax msgpack and as PyTorch-named safetensors (`convert.flax_to_pytorch`).
+weights are written as Flax msgpack and as PyTorch-named safetensors
+(`diffusers_weights.flax_to_pytorch` for the UNet/VAE, `convert.flax_to_pytorch` for CLIP).
 
 CLI: `python -m tdpo_jax.models.tiny --out=DIR --seed=0 [--config=configs/tiny.py]`.
 """
@@ -17,15 +18,17 @@ import logging
 import os
 import shutil
 
-import diffusers
 import flax.traverse_util
 import jax
 import numpy as np
 import transformers
 
 from tdpo_jax.models import convert
+from tdpo_jax.models import diffusers_weights
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
+from tdpo_jax.models import unet as unet_lib
+from tdpo_jax.models import vae as vae_lib
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny_tokenizer")
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -35,6 +38,9 @@ MAX_LENGTH = 77
 _COMPONENT_STREAMS = {"unet": 1, "vae": 2, "text_encoder": 3, "image_encoder": 4}
 _BIAS_NOISE_STD = 0.05
 _FORMATS = ("safetensors", "flax")
+# Written as `_diffusers_version` in the configs: the diffusers release whose PyTorch classes read
+# this layout (the parity tests' reference); the project itself imports no diffusers code.
+DIFFUSERS_LAYOUT_VERSION = "0.42.1"
 
 
 def _write_json(path, content):
@@ -79,14 +85,22 @@ def _random_params(init_fn, rng):
   return flax.traverse_util.unflatten_dict(result)
 
 
-def _write_weights(directory, params, key_fn, file_names, formats):
-  """Writes params as msgpack (Flax) and/or safetensors (PyTorch names and layouts)."""
+def _write_weights(directory, params, to_pytorch, file_names, formats):
+  """Writes params as msgpack (Flax) and/or safetensors (PyTorch names and layouts).
+
+  Args:
+    to_pytorch: params -> flat PyTorch state dict (`diffusers_weights.flax_to_pytorch`, or
+      `convert.flax_to_pytorch` with `convert.clip_pytorch_key`).
+  """
   msgpack_name, safetensors_name = file_names
   if "flax" in formats:
     convert.save_msgpack(params, os.path.join(directory, msgpack_name))
   if "safetensors" in formats:
-    convert.save_safetensors(convert.flax_to_pytorch(params, key_fn),
-                             os.path.join(directory, safetensors_name))
+    convert.save_safetensors(to_pytorch(params), os.path.join(directory, safetensors_name))
+
+
+def _clip_to_pytorch(params):
+  return convert.flax_to_pytorch(params, convert.clip_pytorch_key)
 
 
 def _write_tokenizer(directory):
@@ -118,25 +132,24 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   if unknown or not formats:
     raise ValueError(f"unknown weight formats {sorted(unknown) or list(formats)}; expected a "
                      f"non-empty subset of {_FORMATS}")
-  diffusers.utils.logging.set_verbosity_error()
   os.makedirs(out_dir, exist_ok=True)
   root_rng = jax.random.key(seed)
-  version = diffusers.__version__
+  version = DIFFUSERS_LAYOUT_VERSION
 
   def component_rng(name):
     return jax.random.fold_in(root_rng, _COMPONENT_STREAMS[name])
 
   # UNet and VAE (diffusers).
-  for name, module_class, torch_class in (
-      ("unet", diffusers.FlaxUNet2DConditionModel, "UNet2DConditionModel"),
-      ("vae", diffusers.FlaxAutoencoderKL, "AutoencoderKL")):
+  for name, from_config, torch_class in (
+      ("unet", unet_lib.from_diffusers_config, "UNet2DConditionModel"),
+      ("vae", vae_lib.from_diffusers_config, "AutoencoderKL")):
     config = _to_dict(spec[name])
-    module = module_class.from_config(config)
+    module = from_config(config)
     params = _random_params(module.init_weights, component_rng(name))
     directory = os.path.join(out_dir, name)
     _write_json(os.path.join(directory, "config.json"),
                 dict(config, _class_name=torch_class, _diffusers_version=version))
-    _write_weights(directory, params, convert.diffusers_pytorch_key,
+    _write_weights(directory, params, diffusers_weights.flax_to_pytorch,
                    pipeline_lib.DIFFUSERS_WEIGHTS, formats)
 
   # Text encoder (transformers CLIPTextModel).
@@ -150,8 +163,8 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   text_module = pipeline_lib.text_encoder_module(text_config)
   text_params = _random_params(pipeline_lib.text_encoder_init_fn(text_module),
                                component_rng("text_encoder"))
-  _write_weights(directory, text_params, convert.clip_pytorch_key,
-                 pipeline_lib.TRANSFORMERS_WEIGHTS, formats)
+  _write_weights(directory, text_params, _clip_to_pytorch, pipeline_lib.TRANSFORMERS_WEIGHTS,
+                 formats)
 
   # Image encoder (transformers CLIPVisionModelWithProjection) + CLIPImageProcessor config.
   vision_config = transformers.CLIPVisionConfig(**_to_dict(spec["image_encoder"]))
@@ -162,8 +175,8 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   size = vision_config.image_size
   encoder = image_encoder_lib.ImageEncoder(config=vision_config, resize_size=size, crop_size=size)
   encoder_params = _random_params(encoder.init_weights, component_rng("image_encoder"))
-  _write_weights(directory, encoder_params, convert.clip_pytorch_key,
-                 pipeline_lib.TRANSFORMERS_WEIGHTS, formats)
+  _write_weights(directory, encoder_params, _clip_to_pytorch, pipeline_lib.TRANSFORMERS_WEIGHTS,
+                 formats)
   write_image_processor_config(directory, size)
 
   _write_tokenizer(os.path.join(out_dir, "tokenizer"))

@@ -2,13 +2,14 @@
 
 Shape legend: B batch, H/W image height/width, S the vision tower's input size, L token length
 (text max_position_embeddings, 77), d the projection width. Images are NHWC float in [0, 1];
-CLIP `pixel_values` are NCHW (what `image_encoder.preprocess_images` returns); the Flax vision
-tower itself runs NHWC, so `image_features` transposes once.
+CLIP `pixel_values` are NCHW (what `image_encoder.preprocess_images` returns and what the vision
+tower takes).
 
-The module is transformers' `FlaxCLIPModule` (params `text_model/...`, `vision_model/...`,
-`visual_projection/kernel`, `text_projection/kernel`, `logit_scale`), so a PyTorch `CLIPModel`
-state dict converts one to one with `models.convert.clip_pytorch_to_flax`; open_clip state dicts
-(HPSv2) are first renamed by `rewards.open_clip_keys`.
+The module is `models.clip.ClipModel` (params `text_model/...`, `vision_model/...`,
+`visual_projection/kernel`, `text_projection/kernel`, `logit_scale`, the tree of transformers'
+former `FlaxCLIPModule`), so a PyTorch `CLIPModel` state dict converts one to one with
+`models.convert.clip_pytorch_to_flax`; open_clip state dicts (HPSv2) are first renamed by
+`rewards.open_clip_keys`.
 
 Features, as `CLIPModel.get_image_features` / `get_text_features` and open_clip's
 `encode_image` / `encode_text`:
@@ -27,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import transformers
-from transformers.models.clip import modeling_flax_clip
 
+from tdpo_jax.models import clip
 from tdpo_jax.models import convert as model_convert
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
@@ -42,13 +43,13 @@ class ClipModel:
   `eq=False` keeps identity hashing, so a `ClipModel` can be closed over by `jax.jit`.
 
   Attributes:
-    module: `FlaxCLIPModule` (float32).
+    module: `models.clip.ClipModel` (float32) with a `clip.ClipConfig`.
     tokenizer: `transformers.CLIPTokenizer` (host-side).
     resize_size: shortest edge the image is resized to before the center crop.
     crop_size: side of the center crop, S.
     image_mean, image_std: per-channel normalisation constants (RGB).
   """
-  module: modeling_flax_clip.FlaxCLIPModule
+  module: clip.ClipModel
   tokenizer: transformers.CLIPTokenizer
   resize_size: int
   crop_size: int
@@ -62,32 +63,19 @@ class ClipModel:
 
 
 def clip_module(config):
-  """`FlaxCLIPModule` (float32) for a `transformers.CLIPConfig`."""
-  return modeling_flax_clip.FlaxCLIPModule(config=config, dtype=jnp.float32)
-
-
-def clip_init_fn(module):
-  """rng -> random params of a `FlaxCLIPModule` (inputs (1, L) ids and (1, S, S, 3) NHWC)."""
-  length = module.config.text_config.max_position_embeddings
-  size = module.config.vision_config.image_size
-
-  def init_fn(rng):
-    input_ids = jnp.zeros((1, length), jnp.int32)
-    pixel_values = jnp.zeros((1, size, size, 3), jnp.float32)
-    position_ids = jnp.arange(length)[None]
-    return module.init(rng, input_ids, pixel_values, jnp.ones_like(input_ids),
-                       position_ids)["params"]
-
-  return init_fn
+  """`clip.ClipModel` (float32) for a `CLIPConfig`, a config.json dict or a `clip.ClipConfig`."""
+  return clip.ClipModel(clip.clip_config(config))
 
 
 def expected_shapes(module):
-  """{flax_path: ShapeDtypeStruct} of a `FlaxCLIPModule`'s params (shapes only, no compute)."""
-  return model_convert.expected_param_shapes(clip_init_fn(module), jax.random.key(0))
+  """{flax_path: ShapeDtypeStruct} of a `clip.ClipModel`'s params (shapes only, no compute)."""
+  return model_convert.expected_param_shapes(
+      lambda rng: clip.init_clip_params(module, rng), jax.random.key(0))
 
 
 def read_clip_config(directory):
-  """`transformers.CLIPConfig` from `directory/config.json`, or a one-line `ModelLoadError`."""
+  """`clip.ClipConfig` from `directory/config.json` (read by transformers' `CLIPConfig`, which
+  fills the defaults a saved config omits), or a one-line `ModelLoadError`."""
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise pipeline_lib.ModelLoadError(f"missing CLIP config {path!r}; expected a transformers "
@@ -97,7 +85,7 @@ def read_clip_config(directory):
   if model_type != "clip":
     raise pipeline_lib.ModelLoadError(f"{path!r} has model_type={model_type!r}; expected 'clip' "
                                       "(a full CLIPModel config with text and vision towers)")
-  return transformers.CLIPConfig.from_pretrained(directory)
+  return clip.clip_config(transformers.CLIPConfig.from_pretrained(directory))
 
 
 read_vision_config = pipeline_lib.read_vision_config
@@ -122,7 +110,7 @@ def make_clip_model(config, processor_dir):
 
 
 def pytorch_to_flax(state_dict, module, source):
-  """PyTorch `CLIPModel` state dict -> Flax `FlaxCLIPModule` params (NumPy, float32).
+  """PyTorch `CLIPModel` state dict -> `clip.ClipModel` params (NumPy, float32).
 
   Checks every expected PyTorch key first (in the Flax param order) and names the first one that
   is missing or has another shape; extra keys (e.g. `position_ids` buffers) are ignored.
@@ -165,11 +153,10 @@ def load_clip_model(directory, processor_dir="", cache_dir=""):
 def image_encoder_of(model, params):
   """(ImageEncoder, params) sharing this model's image tower (e.g. for the critic, DESIGN §3).
 
-  `ImageEncoder`'s params are named like `FlaxCLIPModule`'s vision half, so this is a subtree.
+  `ImageEncoder`'s params are named like `ClipModel`'s vision half, so this is a subtree.
   """
   config = model.module.config
-  vision_config = transformers.CLIPVisionConfig(**config.vision_config.to_dict())
-  vision_config.projection_dim = config.projection_dim
+  vision_config = dataclasses.replace(config.vision_config, projection_dim=config.projection_dim)
   encoder = image_encoder_lib.ImageEncoder(
       config=vision_config, resize_size=model.resize_size, crop_size=model.crop_size,
       image_mean=model.image_mean, image_std=model.image_std)
@@ -183,33 +170,19 @@ def tokenize(model, prompts):
   return np.asarray(encoded.input_ids, dtype=np.int32)
 
 
-def normalise(features):
-  """x / ||x||_2 over the last axis."""
-  return features / jnp.linalg.norm(features, axis=-1, keepdims=True)
-
-
-def _project_image(module, pixel_values):
-  outputs = module.vision_model(pixel_values=pixel_values, deterministic=True)
-  return module.visual_projection(outputs[1])
-
-
-def _project_text(module, input_ids):
-  position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-  outputs = module.text_model(input_ids=input_ids, attention_mask=jnp.ones_like(input_ids),
-                              position_ids=position_ids, deterministic=True)
-  return module.text_projection(outputs[1])
+normalise = clip.normalise
 
 
 def image_embeds(model, params, pixel_values):
   """Projected image embeddings (B, d), not normalised, of CLIP pixel_values (B, 3, S, S) NCHW."""
-  pixel_values = jnp.transpose(pixel_values, (0, 2, 3, 1))  # NCHW -> NHWC for the Flax conv
-  return model.module.apply({"params": params}, pixel_values, method=_project_image)
+  return model.module.apply({"params": params}, pixel_values,
+                            method=clip.ClipModel.get_image_features)
 
 
 def text_embeds(model, params, input_ids):
   """Projected text embeddings (B, d), not normalised, of token ids (B, L)."""
   return model.module.apply({"params": params}, jnp.asarray(input_ids, jnp.int32),
-                            method=_project_text)
+                            method=clip.ClipModel.get_text_features)
 
 
 def image_features(model, params, images):

@@ -13,7 +13,7 @@ it once with `python -m tdpo_jax.rewards.convert hpsv2 --src=... --out=hpsv2.saf
 architecture, tokenizer and preprocessing come from a transformers CLIP directory of the same
 architecture (`clip_config`: laion/CLIP-ViT-H-14-laion2B-s32B-b79K's config.json, tokenizer,
 preprocessor_config.json); the open_clip keys are renamed by `open_clip_keys` and converted to
-the Flax `FlaxCLIPModule` of `clip_model`. Conversion is NumPy only (a split and transposes), so
+the `models.clip.ClipModel` of `clip_model`. Conversion is NumPy only (a split and transposes), so
 it is not cached.
 """
 
@@ -28,7 +28,7 @@ ARCHITECTURE = "an open_clip CLIP (HPSv2)"
 
 
 def open_clip_to_flax(state_dict, module, source):
-  """open_clip state dict -> `FlaxCLIPModule` params (NumPy float32); names the first bad key."""
+  """open_clip state dict -> `clip.ClipModel` params (NumPy float32); names the first bad key."""
   config = module.config
   reward_convert.check_state_dict(state_dict, open_clip_keys.expected_open_clip_shapes(config),
                                   source, ARCHITECTURE)

@@ -1,4 +1,5 @@
-"""The shapes-world model: SD's Flax classes at small size, its tokenizer, init and export.
+"""The shapes-world model: SD's architecture (`models.unet`, `vae`, `clip`) at small size, its
+tokenizer, init and export.
 
 Shape legend: B batch, L text length (`spec.text_encoder.max_position_embeddings`, 16), D text
 width, latents NCHW (4, 8, 8), images NHWC (32, 32, 3).
@@ -13,7 +14,6 @@ reads (msgpack weights, optionally stored as float16; the loader casts them to f
 import json
 import os
 
-import diffusers
 import flax.traverse_util
 import jax
 import numpy as np
@@ -23,6 +23,8 @@ from tdpo_jax.models import convert
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import tiny
+from tdpo_jax.models import unet as unet_lib
+from tdpo_jax.models import vae as vae_lib
 from tdpo_jax.shapes import world
 
 END_OF_WORD = "</w>"
@@ -116,13 +118,11 @@ def text_config(spec):
 
 def modules(spec):
   """{"unet", "vae", "text_encoder", "image_encoder"}: the Flax modules of the spec (float32)."""
-  diffusers.utils.logging.set_verbosity_error()
-  vision_config = transformers.CLIPVisionConfig(**tiny._to_dict(spec["image_encoder"]))
-  vision_config.architectures = ["CLIPVisionModelWithProjection"]
-  size = vision_config.image_size
+  vision_config = tiny._to_dict(spec["image_encoder"])
+  size = vision_config["image_size"]
   return {
-      "unet": diffusers.FlaxUNet2DConditionModel.from_config(tiny._to_dict(spec["unet"])),
-      "vae": diffusers.FlaxAutoencoderKL.from_config(tiny._to_dict(spec["vae"])),
+      "unet": unet_lib.from_diffusers_config(tiny._to_dict(spec["unet"])),
+      "vae": vae_lib.from_diffusers_config(tiny._to_dict(spec["vae"])),
       "text_encoder": pipeline_lib.text_encoder_module(text_config(spec)),
       "image_encoder": image_encoder_lib.ImageEncoder(
           config=vision_config, resize_size=size, crop_size=size),
@@ -182,8 +182,7 @@ def export_pipeline(out_dir, spec, params, scaling_factor, fp16=True):
   Returns:
     out_dir.
   """
-  diffusers.utils.logging.set_verbosity_error()
-  version = diffusers.__version__
+  version = tiny.DIFFUSERS_LAYOUT_VERSION
   for name, torch_class in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
     config = tiny._to_dict(spec[name])
     if name == "vae":
@@ -193,14 +192,15 @@ def export_pipeline(out_dir, spec, params, scaling_factor, fp16=True):
                      dict(config, _class_name=torch_class, _diffusers_version=version))
     convert.save_msgpack(_cast(params[name], fp16),
                          os.path.join(directory, pipeline_lib.DIFFUSERS_WEIGHTS[0]))
-  mods = modules(spec)
-  for name in ("text_encoder", "image_encoder"):
+  vision_config = transformers.CLIPVisionConfig(**tiny._to_dict(spec["image_encoder"]))
+  vision_config.architectures = ["CLIPVisionModelWithProjection"]
+  for name, config in (("text_encoder", text_config(spec)), ("image_encoder", vision_config)):
     directory = os.path.join(out_dir, name)
     os.makedirs(directory, exist_ok=True)
-    mods[name].config.to_json_file(os.path.join(directory, "config.json"))
+    config.to_json_file(os.path.join(directory, "config.json"))
     convert.save_msgpack(_cast(params[name], fp16),
                          os.path.join(directory, pipeline_lib.TRANSFORMERS_WEIGHTS[0]))
-  size = mods["image_encoder"].config.image_size
+  size = vision_config.image_size
   tiny.write_image_processor_config(os.path.join(out_dir, "image_encoder"), size)
   write_tokenizer(os.path.join(out_dir, "tokenizer"),
                   spec["text_encoder"]["max_position_embeddings"])

@@ -31,7 +31,6 @@ import shutil
 import tempfile
 import time
 
-import diffusers
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -44,6 +43,7 @@ from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
 from tdpo_jax import rollout as rollout_lib
 from tdpo_jax.models import pipeline as pipeline_lib
+from tdpo_jax.models import vae as vae_lib
 from tdpo_jax.shapes import model as model_lib
 from tdpo_jax.shapes import world
 
@@ -122,8 +122,17 @@ def _optimizer(stage_config):
 
 
 def to_signed(images):
-  """uint8 NHWC -> float32 NCHW in [-1, 1] (the Flax VAE encoder's input layout)."""
-  return jnp.transpose(images.astype(jnp.float32) / 127.5 - 1.0, (0, 3, 1, 2))
+  """uint8 NHWC -> float32 NHWC in [-1, 1] (the VAE's input)."""
+  return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+def gaussian_kl(mean, logvar):
+  """KL(N(mean, exp(logvar)) || N(0, I)) per sample: 0.5 sum(mean² + var - 1 - logvar), (B,).
+
+  Args:
+    mean, logvar: (B, h, w, z) NHWC posterior moments (`vae.encode`).
+  """
+  return 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
 
 
 def make_vae_step(vae, optimizer, kl_weight):
@@ -131,11 +140,11 @@ def make_vae_step(vae, optimizer, kl_weight):
 
   def loss_fn(params, images, rng):
     x = to_signed(images)
-    posterior = vae.apply({"params": params}, x, method=vae.encode).latent_dist
-    z = posterior.sample(rng)
-    recon = vae.apply({"params": params}, z, method=vae.decode).sample  # NCHW
+    mean, logvar = vae.apply({"params": params}, x, method=vae.encode)
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)  # reparameterised
+    recon = vae.apply({"params": params}, z, method=vae.decode)  # NHWC
     l1 = jnp.mean(jnp.abs(recon - x))
-    kl = jnp.mean(posterior.kl())
+    kl = jnp.mean(gaussian_kl(mean, logvar))
     return l1 + kl_weight * kl, {"l1": l1, "kl": kl}
 
   def step(params, opt_state, images, rng):
@@ -149,9 +158,9 @@ def make_vae_step(vae, optimizer, kl_weight):
 
 def encode_posteriors(vae, vae_params, images, scale):
   """Scaled posterior (mean, std) of q(z | x): uint8 (B, H, W, 3) -> 2 x (B, C, h, w) NCHW."""
-  posterior = vae.apply({"params": vae_params}, to_signed(images), method=vae.encode).latent_dist
-  return (scale * jnp.transpose(posterior.mean, (0, 3, 1, 2)),
-          scale * jnp.transpose(posterior.std, (0, 3, 1, 2)))
+  mean, logvar = vae.apply({"params": vae_params}, to_signed(images), method=vae.encode)
+  return (scale * jnp.transpose(mean, (0, 3, 1, 2)),
+          scale * jnp.transpose(jnp.exp(0.5 * logvar), (0, 3, 1, 2)))
 
 
 def make_unet_step(pipeline, optimizer, alphas_cumprod, unet_config):
@@ -272,7 +281,7 @@ def _rate_tracker():
 @functools.lru_cache(maxsize=4)
 def _vae_kernels(vae_spec_json, vae_config_json):
   """(vae, optimizer, jitted step, jitted encode) per (spec.vae, config.vae), compiled once."""
-  vae = diffusers.FlaxAutoencoderKL.from_config(json.loads(vae_spec_json))
+  vae = vae_lib.from_diffusers_config(json.loads(vae_spec_json))
   vae_config = ml_collections.ConfigDict(json.loads(vae_config_json))
   optimizer = _optimizer(vae_config)
   step_fn = jax.jit(make_vae_step(vae, optimizer, vae_config.kl_weight), donate_argnums=(0, 1))
@@ -328,9 +337,9 @@ def _save_vae_samples(workdir, vae, params, config, step):
   """Originals (top) over their reconstructions (bottom), 16 held-out images."""
   images, prompts = world.batch(config.data_seed + 1, 1, 16)
   x = to_signed(jnp.asarray(images))
-  z = vae.apply({"params": params}, x, method=vae.encode).latent_dist.mode()
-  recon = np.asarray(vae.apply({"params": params}, z, method=vae.decode).sample)
-  recon = np.clip(np.transpose(recon, (0, 2, 3, 1)) / 2 + 0.5, 0, 1)
+  z, _ = vae.apply({"params": params}, x, method=vae.encode)  # the posterior's mode
+  recon = np.asarray(vae.apply({"params": params}, z, method=vae.decode))
+  recon = np.clip(recon / 2 + 0.5, 0, 1)
   grid = np.concatenate([images / 255.0, recon])
   folder = os.path.join(workdir, "samples")
   os.makedirs(folder, exist_ok=True)
