@@ -30,6 +30,7 @@ from tdpo_jax import policy
 from tdpo_jax import rollout
 from tdpo_jax import stats
 from tdpo_jax.models import pipeline as pipeline_lib
+from tdpo_jax.models import unet as unet_lib
 
 # `train.remat`: "none", "unet" (jax.checkpoint around the whole UNet call) or "blocks" (each
 # down/mid/up block rematerialised inside the UNet).
@@ -137,7 +138,7 @@ def make_train_step(pipeline, critic, config, *, use_critic):
 
   if train_config.remat == "unet":
     # Keep only the UNet's inputs for the backward pass and recompute its activations there.
-    eps_fn = jax.checkpoint(eps_fn, policy=getattr(jax.checkpoint_policies, REMAT_POLICY))
+    eps_fn = jax.checkpoint(eps_fn, policy=unet_lib.remat_policy_from_name(REMAT_POLICY))
   fuse = bool(train_config.get("fuse_micro_batches", False))
 
   def loss_fn(params, frozen, micro, rng):
