@@ -92,11 +92,13 @@ def ev_row(values, returns, late_start):
 def collect(config, num_samples):
   """(embeds (n, T, d), returns (n, T)) of `num_samples` pre-trained-policy trajectories."""
   from tdpo_jax import sharding as sharding_lib  # noqa: PLC0415
+  from tdpo_jax import config_checks  # noqa: PLC0415
   from tdpo_jax import train  # noqa: PLC0415
+  config_checks.validate_config(config)  # the Trainer does not validate (train.run does)
   trainer = train.Trainer(config)
   frozen = trainer.frozen_params()
   state = trainer.init_state()
-  per_epoch = train.samples_per_epoch(config)
+  per_epoch = config_checks.samples_per_epoch(config)
   embeds, rewards, prompt_index = [], [], []
   for epoch in range(-(-num_samples // per_epoch)):
     trajectory, index = trainer.sample(state, frozen, epoch)
@@ -183,12 +185,12 @@ def main(argv):
   del argv
   config = _CONFIG.value
   config.log.progress = False
-  from tdpo_jax import train  # noqa: PLC0415
+  from tdpo_jax import epoch  # noqa: PLC0415
   if _SAMPLES.value < 8:
     raise SystemExit(f"error: --samples={_SAMPLES.value}; expected >= 8")
   embeds, returns = collect(config, _SAMPLES.value)
   split = int(len(embeds) * (1 - HELD_OUT_FRACTION))
-  late_start = train.late_states(config.sample.num_steps, config.critic.late_fraction)
+  late_start = epoch.late_states(config.sample.num_steps, config.critic.late_fraction)
   args = (embeds[:split], returns[:split], embeds[split:], returns[split:], late_start)
   rows = ridge_rows(*args) + critic_rows(config, *args)
   steps = embeds.shape[1]

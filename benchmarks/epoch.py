@@ -106,6 +106,9 @@ def bench_algorithm(config, algorithm, epochs):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tdpo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import epoch as epoch_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import config_checks  # pylint: disable=g-import-not-at-top
   from tdpo_jax import policy  # pylint: disable=g-import-not-at-top
   from tdpo_jax import rollout  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train  # pylint: disable=g-import-not-at-top
@@ -114,8 +117,9 @@ def bench_algorithm(config, algorithm, epochs):
   config = config.copy_and_resolve_references()
   config.algorithm = algorithm
   config.log.progress = False
+  config_checks.validate_config(config)  # the Trainer does not validate (train.run does)
   trainer = train.Trainer(config)
-  pipeline = trainer.pipeline
+  pipeline, models = trainer.pipeline, trainer.models
   frozen, state = trainer.frozen_params(), trainer.init_state()
   result = {"algorithm": algorithm, "compile_s": {}, "flops": {}, "seconds": {}}
 
@@ -143,24 +147,26 @@ def bench_algorithm(config, algorithm, epochs):
                       (unet, latents, text_states, frozen.uncond_embeds))
   sub["decode"] = (jax.jit(lambda p, x: pipeline_lib.decode_latents(pipeline, p, x)),
                    (frozen.vae, latents))
-  n = train.samples_per_epoch(config)
+  n = config_checks.samples_per_epoch(config)
   num_steps = config.sample.num_steps
   if trainer.use_critic:
     all_latents = jnp.zeros((n, num_steps, channels, height, width), jnp.float32)
-    sub["critic"] = (jax.jit(lambda f, c, x: trainer.critic.apply(
-        {"params": c}, trainer._embed_states(f, x).reshape(-1, trainer.embed_dim),  # pylint: disable=protected-access
+    chunk = int(config.critic.embed_chunk_size)
+    sub["critic"] = (jax.jit(lambda f, c, x: models.critic.apply(
+        {"params": c}, epoch_lib.embed_states(models, f, x, chunk).reshape(-1, models.embed_dim),
         deterministic=True)), (frozen, state.critic_params, all_latents))
   micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
   fused = jax.tree.map(
       lambda x: jnp.zeros((1, micro * accum) + x.shape[3:], x.dtype),
-      trainer.abstract_epoch_inputs(state, frozen)["train_epoch"][2])
-  sub["train_step"] = (jax.jit(trainer.train_step_fn), (state, frozen, fused,
+      kernels_lib.abstract_epoch_inputs(trainer.kernels, config, state, frozen,
+                                        trainer.input_uncond)["train_epoch"][2])
+  sub["train_step"] = (jax.jit(trainer.kernels.train_step_fn), (state, frozen, fused,
                                                         jax.random.key(0)))
   sub_compiled = {}
   for name, (fn, args) in sub.items():
     sub_compiled[name] = fn.lower(*args).compile()
     result["flops"][name] = _flops(sub_compiled[name])
-  num_updates = n * train.num_train_timesteps(config) // (micro * accum)
+  num_updates = n * config_checks.num_train_timesteps(config) // (micro * accum)
   result["flops"]["text_encoding"] = result["flops"]["text"] * (n // batch)
   result["flops"]["denoising"] = result["flops"]["unet_step"] * num_steps * (n // batch)
   result["flops"]["final_decode"] = result["flops"]["decode"] * (n // batch)

@@ -28,6 +28,8 @@ _MICRO = flags.DEFINE_integer("micro_batch_per_device", 1, "Train micro-batch pe
 _ACCUM = flags.DEFINE_integer("accumulation", 1, "Micro-batches per optimizer step (k).")
 _ROLLOUT_BATCH = flags.DEFINE_integer("rollout_batch", 0, "Prompts per rollout (0 = 1/device).")
 _BUDGET = flags.DEFINE_float("budget_gib", 16.0, "Per-device memory budget to check against.")
+# Rows of the per-prompt normaliser in the state (its size barely matters next to the models).
+NUM_PROMPTS = 64
 _SKIP_ROLLOUT = flags.DEFINE_bool("skip_rollout", False, "Compile only the train step.")
 flags.mark_flags_as_required(["config"])
 # This checkout's package first, not an installed copy.
@@ -104,10 +106,10 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from tdpo_jax import critic as critic_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import epoch as epoch_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import kernels as kernels_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import rollout  # pylint: disable=g-import-not-at-top
   from tdpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from tdpo_jax import train  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value.copy_and_resolve_references()
   if config.pretrained.get("tiny"):
@@ -134,64 +136,43 @@ def main(argv):
         f"precision policy={config.precision.policy} frozen={config.precision.frozen}")
 
   pipeline = abstract_pipeline(spec)
-  rules = config.sharding.rules
-  replicated = sharding_lib.replicated(mesh)
   text_width = spec["text_encoder"]["hidden_size"]
   length = spec["text_encoder"]["max_position_embeddings"]
-  embed_dim = spec["image_encoder"]["projection_dim"]
-  frozen = train_step_lib.FrozenParams(
-      unet=pipeline.unet_params, text_encoder=pipeline.text_encoder_params,
-      vae=pipeline.vae_params, image_encoder=pipeline.image_encoder_params,
-      uncond_embeds=jax.ShapeDtypeStruct((1, length, text_width), jnp.float32))
-  frozen_shardings = sharding_lib.tree_shardings(mesh, rules, frozen)
-  critic = critic_lib.make_critic(config.critic, embed_dim)
-  init_fn = train.make_init_state_fn(config, critic, embed_dim, 64, jax.random.key(0))
-  state = jax.eval_shape(init_fn, pipeline.unet_params)
-  state_shardings = sharding_lib.tree_shardings(mesh, rules, state)
-  pipe = pipeline_lib_with_precision(pipeline, config)
-  train_step_fn = train_step_lib.make_train_step(pipe, critic, config,
-                                                 use_critic=train.ALGORITHMS[config.algorithm][0])
+  # The trainer's own kernels (kernels.py), declared on the abstract pipeline: the same
+  # shardings, donation and train step as a real run.
+  models = epoch_lib.make_epoch_models(config, pipeline)
+  uncond_ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+  kernels = kernels_lib.make_kernels(config, mesh, models, NUM_PROMPTS, uncond_ids)
+  frozen = kernels_lib.frozen_tree(models, pipeline.text_encoder_params,
+                                   jax.ShapeDtypeStruct((1, length, text_width), jnp.float32))
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  state = jax.eval_shape(kernels.init_state, pipeline.unet_params,
+                         jax.ShapeDtypeStruct((), jnp.int32))
   channels = spec["vae"]["latent_channels"]
   factor = 2 ** (len(spec["vae"]["block_out_channels"]) - 1)
   h, w = config.sample.height // factor, config.sample.width // factor
   k, m = _ACCUM.value, config.train.batch_size
   f32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  embed_dim = models.embed_dim
   batch = train_step_lib.TransitionBatch(
       latents=f32(k, m, channels, h, w), next_latents=f32(k, m, channels, h, w),
       timesteps=jax.ShapeDtypeStruct((k, m), jnp.int32), old_log_probs=f32(k, m),
       advantages=f32(k, m), returns=f32(k, m), old_values=f32(k, m), embeds=f32(k, m, embed_dim),
       prompt_embeds=f32(k, m, length, text_width))
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  step = jax.jit(train_step_fn,
-                 in_shardings=(state_shardings, frozen_shardings,
-                               sharding_lib.batch_sharding(mesh, axis=1), replicated),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
   tic = time.perf_counter()
-  compiled = step.lower(state, frozen, batch, key).compile()
+  compiled = kernels.train_step.lower(state, frozen, batch, key).compile()
   _report("train step", compiled, _BUDGET.value, time.perf_counter() - tic)
   if _SKIP_ROLLOUT.value:
     return
   rollout_batch = _ROLLOUT_BATCH.value or batch_devices
   params = rollout.RolloutParams(unet=pipeline.unet_params, text_encoder=frozen.text_encoder,
                                  vae=frozen.vae)
-  rows = sharding_lib.batch_sharding(mesh)
-  rollout_fn = jax.jit(
-      rollout.make_rollout_fn(pipe, config.sample),
-      in_shardings=(rollout.RolloutParams(unet=frozen_shardings.unet,
-                                          text_encoder=frozen_shardings.text_encoder,
-                                          vae=frozen_shardings.vae), rows, replicated,
-                    replicated))
   tic = time.perf_counter()
-  compiled = rollout_fn.lower(params, jax.ShapeDtypeStruct((rollout_batch, length), jnp.int32),
-                              jax.ShapeDtypeStruct((1, length), jnp.int32), key).compile()
+  compiled = kernels.rollout.lower(
+      params, jax.ShapeDtypeStruct((rollout_batch, length), jnp.int32), uncond_ids,
+      key).compile()
   _report(f"rollout ({rollout_batch} prompts, {config.sample.num_steps} steps)", compiled,
           _BUDGET.value, time.perf_counter() - tic)
-
-
-def pipeline_lib_with_precision(pipeline, config):
-  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  return pipeline_lib.with_precision(pipeline, unet=config.precision.policy,
-                                     frozen=config.precision.frozen)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Reward overoptimisation on the shapes world: gold reward at matched trained (proxy) reward.
 
-  python benchmarks/overoptimization.py --out DIR [--results DIR] [--preset aesthetic|proxy|gold]
-      [--algorithms ddpo,tdpo,tdpo_r,redo,ddpo_kl,grpo] [--seeds 0,1,2] [--epochs 100]
-      [--set KEY=VALUE ...]
+  python benchmarks/overoptimization.py --out=DIR [--results=DIR]
+      [--config=configs/shapes.py:reward=aesthetic|proxy|gold] [--config.KEY=VALUE ...]
+      [--algorithms=ddpo,tdpo,tdpo_r,redo,ddpo_kl,grpo] [--seeds=0,1,2] [--epochs=100]
 
 Each (algorithm, seed) fine-tunes the shipped shapes model with
-`configs/shapes.py:algorithm=<algorithm>,reward=<preset>` (the preset names the reward RL
-maximises: shapes_aesthetic, shapes_proxy or shapes_gold; "proxy" below always means that trained
-reward) for `--epochs` epochs in `<out>/runs/<algorithm>_seed<seed>/` (checkpoints: an interrupted
-run resumes there). `--set` overrides configs/shapes.py entries for every run.
+`configs/shapes.py:algorithm=<algorithm>,reward=<preset>` (the preset, `reward=` of `--config`,
+default aesthetic, names the reward RL maximises: shapes_aesthetic, shapes_proxy or shapes_gold;
+"proxy" below always means that trained reward) for `--epochs` epochs in
+`<out>/runs/<algorithm>_seed<seed>/` (checkpoints: an interrupted run resumes there). The
+`--config.KEY=VALUE` overrides (as for `python -m tdpo_jax.main`) apply to every run.
 
 From each run's metrics.jsonl it keeps one row per epoch (CSV columns, an absent metric is an
 empty cell):
@@ -29,8 +30,10 @@ empty cell):
   approx_kl, clipfrac, epoch_s, eval_s.
 
 `--results` (default: `--out`) holds what is meant to be committed:
-  settings.json           preset, epochs and the --set list: a later call on the same directory
-                          with another preset or --set list is refused (mixed rows would not be
+  settings.json           preset, epochs and the overrides ({"KEY": value}; a file written by
+                          the former `--set KEY=VALUE` command line holds them as the list "set",
+                          read the same way): a later call on the same directory with another
+                          preset or other overrides is refused (mixed rows would not be
                           comparable); a larger --epochs extends the runs, a smaller is refused;
   rows/<algorithm>_seed<seed>.csv    one run's rows, written when the run has finished all its
                           epochs. A run whose rows file holds --epochs rows is skipped, even
@@ -51,7 +54,7 @@ empty cell):
 The aggregates are regenerated from all rows files after every finished run, so an interrupted
 benchmark leaves committable results. SIGTERM stops after the current epoch (checkpoint saved).
 """
-import argparse
+import ast
 import csv
 import importlib.util
 import json
@@ -104,6 +107,7 @@ LABELS = {  # column -> plot / table label
     "gold_fidelity": "gold fidelity", "eval_gold_fidelity": "gold fidelity",
     "gold_quality": "gold quality", "eval_gold_quality": "gold quality",
 }
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes.py")
 SETTINGS_FILE = "settings.json"
 ROWS_DIR = "rows"
 RUNS_DIR = "runs"
@@ -111,45 +115,40 @@ AGGREGATE_CSV = "overoptimization.csv"
 TABLE_FILE = "table.md"
 
 
-def load_shapes_config(arg):
-  path = os.path.join(REPO, "configs", "shapes.py")
+def load_shapes_config(arg, path=DEFAULT_CONFIG):
+  """`get_config(arg)` of the config file `path` (configs/shapes.py)."""
   spec = importlib.util.spec_from_file_location("config_shapes", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
 
 
-def apply_overrides(config, items):
-  """`key.path=value` items (Python literals, else strings) onto `config`; ValueError if bad."""
-  from tdpo_jax import config_overrides  # noqa: PLC0415
-  for item in items:
-    config_overrides.apply(config, item)
-
-
-def run_config(algorithm, preset, seed, epochs, overrides):
-  """configs/shapes.py's config of one run, with the benchmark's settings and `overrides`."""
-  config = load_shapes_config(f"algorithm={algorithm},reward={preset}")
+def run_config(algorithm, preset, seed, epochs, overrides, path=DEFAULT_CONFIG):
+  """The config of one run: `path:algorithm=<algorithm>,reward=<preset>` with the benchmark's
+  settings and `overrides` ({"a.b": value}, the `--config.a.b=value` flags)."""
+  config = load_shapes_config(f"algorithm={algorithm},reward={preset}", path)
   config.seed = seed
   config.num_epochs = epochs
   config.eval.every = 1  # the curves need every epoch's eval
   config.log.progress = sys.stderr.isatty()  # tqdm bars on a terminal only
-  apply_overrides(config, overrides)
+  config.lock()  # an override sets a declared entry; it adds none
+  config.update_from_flattened_dict(overrides)
   return config
 
 
-def check_config(preset, overrides):
+def check_config(preset, overrides, path=DEFAULT_CONFIG):
   """The config every run shares (its trained reward, eval settings); one-line SystemExit if the
-  overrides are bad or drop what the curves need."""
+  overrides drop what the curves need."""
   try:
-    config = run_config(ALGORITHMS[0], preset, 0, MIN_EPOCHS, overrides)
-  except ValueError as error:
-    raise SystemExit(f"error: {error}") from None
+    config = run_config(ALGORITHMS[0], preset, 0, MIN_EPOCHS, overrides, path)
+  except (KeyError, AttributeError, TypeError, ValueError) as error:
+    raise SystemExit(f"error: {' '.join(str(error).split())}") from None
   if config.eval.every != 1:
-    raise SystemExit(f"error: --set eval.every={config.eval.every}; expected 1 (the curves need "
-                     "every epoch's eval)")
+    raise SystemExit(f"error: --config.eval.every={config.eval.every}; expected 1 (the curves "
+                     "need every epoch's eval)")
   if not config.eval.before_training:
-    raise SystemExit("error: --set eval.before_training=False; expected True (the curves' common "
-                     "origin)")
+    raise SystemExit("error: --config.eval.before_training=False; expected True (the curves' "
+                     "common origin)")
   missing = [r for r in (config.reward, *GOLD_REWARDS.values()) if r not in config.eval.rewards]
   if missing:
     raise SystemExit(f"error: eval.rewards={tuple(config.eval.rewards)} lacks {missing[0]!r}; "
@@ -630,20 +629,56 @@ def write_aggregates(results, preset, config):
   return table
 
 
+def normalised_overrides(overrides):
+  """{"a.b": value} as JSON types (tuples -> lists), the keys sorted: the form settings.json
+  holds and compares."""
+  return json.loads(json.dumps(dict(sorted(overrides.items()))))
+
+
+def overrides_of_set_list(items):
+  """The overrides of a settings.json written by the former command line: its "set" list of
+  "a.b=VALUE" items (VALUE a Python literal, else a string; a later item of a key wins)."""
+  overrides = {}
+  for item in items:
+    key, _, text = item.partition("=")
+    try:
+      overrides[key] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      overrides[key] = text
+  return normalised_overrides(overrides)
+
+
+def saved_overrides(saved):
+  """The overrides a settings.json holds: "overrides" ({key: value}) or a former "set" list."""
+  if "overrides" in saved:
+    return normalised_overrides(saved["overrides"])
+  return overrides_of_set_list(saved.get("set", []))
+
+
+def flag_list(overrides):
+  """{"a.b": value} as the `--config.a.b=value` flags that give it (for messages)."""
+  return " ".join(f"--config.{key}={value!r}" for key, value in overrides.items()) or "none"
+
+
 def check_settings(results, settings):
-  """One-line SystemExit if `results` holds rows of another preset / --set list or of more
-  epochs; returns the settings to write (nothing is written here)."""
+  """One-line SystemExit if `results` holds rows of another preset / other overrides or of more
+  epochs; returns the settings to write (nothing is written here).
+
+  `settings`: {"preset", "epochs", "overrides": normalised_overrides(...)}. Overrides compare by
+  value, so `--config.train.learning_rate=0.01` matches a former `--set train.learning_rate=1e-2`.
+  """
   path = os.path.join(results, SETTINGS_FILE)
   if os.path.exists(path):
     with open(path) as file:
       saved = json.load(file)
     if saved["preset"] != settings["preset"]:
-      raise SystemExit(f"error: --preset {settings['preset']}: {path} holds preset "
-                       f"{saved['preset']!r}; expected --preset {saved['preset']} or another "
-                       "--results")
-    if saved["set"] != settings["set"]:
-      raise SystemExit(f"error: --set {settings['set']}: {path} holds --set {saved['set']}; "
-                       "expected the same list (in order) or another --results")
+      raise SystemExit(f"error: --config=...:reward={settings['preset']}: {path} holds preset "
+                       f"{saved['preset']!r}; expected --config=configs/shapes.py:reward="
+                       f"{saved['preset']} or another --results")
+    if saved_overrides(saved) != settings["overrides"]:
+      raise SystemExit(f"error: overrides {flag_list(settings['overrides'])}: {path} holds "
+                       f"overrides {flag_list(saved_overrides(saved))}; expected the same "
+                       "overrides or another --results")
     if settings["epochs"] < saved["epochs"]:
       raise SystemExit(f"error: --epochs={settings['epochs']}: {path} holds "
                        f"{saved['epochs']}-epoch runs; expected >= {saved['epochs']} or another "
@@ -651,9 +686,9 @@ def check_settings(results, settings):
   else:  # rows without settings.json (deleted by hand): their preset column still tells
     for record in read_all_rows(results)[:1]:
       if record["preset"] != settings["preset"]:
-        raise SystemExit(f"error: --preset {settings['preset']}: {results}/{ROWS_DIR} holds "
-                         f"preset {record['preset']!r} rows; expected --preset "
-                         f"{record['preset']} or another --results")
+        raise SystemExit(f"error: --config=...:reward={settings['preset']}: {results}/{ROWS_DIR} "
+                         f"holds preset {record['preset']!r} rows; expected --config=configs/"
+                         f"shapes.py:reward={record['preset']} or another --results")
   return settings
 
 
@@ -702,39 +737,72 @@ def parse_list(text, kind, name, allowed=None):
   return values
 
 
+def define_flags(flag_values, argv):
+  from absl import flags  # noqa: PLC0415
+  from tdpo_jax import cli  # noqa: PLC0415
+  cli.define_config(flag_values, argv, DEFAULT_CONFIG,
+                    "configs/shapes.py[:reward=aesthetic|proxy|gold]: the shapes config whose "
+                    "reward preset every run trains on; --config.KEY=VALUE overrides an entry of "
+                    "every run's config")
+  flags.DEFINE_string("out", None, "runs/ (checkpoints) go here", flag_values=flag_values)
+  flags.DEFINE_string("results", None,
+                      "rows/, the CSV, plots, table.md, settings.json (default: --out)",
+                      flag_values=flag_values)
+  flags.DEFINE_string("algorithms", ",".join(ALGORITHMS), "comma-separated algorithm presets",
+                      flag_values=flag_values)
+  flags.DEFINE_string("seeds", DEFAULT_SEEDS, "comma-separated seeds", flag_values=flag_values)
+  flags.DEFINE_string("epochs", str(DEFAULT_EPOCHS), f"epochs per run (>= {MIN_EPOCHS})",
+                      flag_values=flag_values)
+
+
+class Args:
+  """The parsed command line: out, results, config_path, preset, overrides, algorithms, seeds,
+  epochs."""
+
+
 def parse_args(argv):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="runs/ (checkpoints) go here")
-  parser.add_argument("--results", default=None,
-                      help="rows/, the CSV, plots, table.md, settings.json (default: --out)")
-  parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"one of {list(PRESETS)}")
-  parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-  parser.add_argument("--seeds", default=DEFAULT_SEEDS)
-  parser.add_argument("--epochs", default=str(DEFAULT_EPOCHS))
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a configs/shapes.py entry for every run")
-  args = parser.parse_args(argv)
+  from tdpo_jax import cli  # noqa: PLC0415
+  from tdpo_jax.configs import sd15  # noqa: PLC0415
+  values, positional = cli.parse(argv, define_flags, "benchmarks/overoptimization.py")
+  if positional:
+    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  if not values["out"].value:
+    raise SystemExit("error: --out is required (runs/ go there)")
+  args = Args()
+  arg, args.config_path = cli.config_argument(values)
+  try:
+    presets = sd15.parse_arg(arg, reward=DEFAULT_PRESET, algorithm="")
+  except ValueError as error:
+    raise SystemExit(f"error: --config={args.config_path}:{arg}: {error}") from None
+  if presets.algorithm:
+    raise SystemExit(f"error: --config=...:algorithm={presets.algorithm}; expected only "
+                     "reward=PRESET there (the runs' algorithms are --algorithms)")
+  args.preset = presets.reward
   if args.preset not in PRESETS:
-    raise SystemExit(f"error: --preset={args.preset!r}; expected one of {list(PRESETS)}")
-  args.algorithms = parse_list(args.algorithms, str, "algorithms", ALGORITHMS)
-  args.seeds = parse_list(args.seeds, int, "seeds")
+    raise SystemExit(f"error: --config=...:reward={args.preset}; expected one of {list(PRESETS)}")
+  args.overrides = cli.override_values(values)
+  args.algorithms = parse_list(values["algorithms"].value, str, "algorithms", ALGORITHMS)
+  args.seeds = parse_list(values["seeds"].value, int, "seeds")
   if min(args.seeds) < 0:
     raise SystemExit(f"error: --seeds: {min(args.seeds)}; expected non-negative integers")
   try:
-    args.epochs = int(args.epochs)
+    args.epochs = int(values["epochs"].value)
   except ValueError:
-    raise SystemExit(f"error: --epochs={args.epochs!r}; expected an integer") from None
+    raise SystemExit(f"error: --epochs={values['epochs'].value!r}; expected an integer") from None
   if args.epochs < MIN_EPOCHS:
     raise SystemExit(f"error: --epochs={args.epochs}; expected >= {MIN_EPOCHS}")
-  args.results = args.results or args.out
+  args.out = values["out"].value
+  args.results = values["results"].value or args.out
   return args
 
 
 def main(argv=None):
+  """`argv`: the arguments without the program name (None: sys.argv[1:])."""
   args = parse_args(argv)
-  config = check_config(args.preset, args.set)  # bad --set fails before anything is written
+  # Bad overrides fail before anything is written.
+  config = check_config(args.preset, args.overrides, args.config_path)
   settings = check_settings(args.results, {"preset": args.preset, "epochs": args.epochs,
-                                           "set": list(args.set)})
+                                           "overrides": normalised_overrides(args.overrides)})
   import jax  # noqa: PLC0415
   jax.config.update("jax_compilation_cache_dir",
                     os.environ.get("JAX_COMPILATION_CACHE_DIR")
@@ -755,7 +823,8 @@ def main(argv=None):
     start = resume_epoch(workdir)
     print(f"{prefix} ({f'resuming at epoch {start}' if start else 'from scratch'})", flush=True)
     tic = time.time()
-    rows = run_one(run_config(algorithm, args.preset, seed, args.epochs, args.set), workdir)
+    rows = run_one(run_config(algorithm, args.preset, seed, args.epochs, args.overrides,
+                              args.config_path), workdir)
     records = to_records(args.preset, algorithm, seed, rows, config.reward,
                          origin=read_origin(workdir))
     write_csv(rows_path, records)

@@ -92,7 +92,7 @@ def ascent_rows(trainer, reward_apply, steps, learning_rate, every, save=None):
   start = trajectory.latents[:, -1]
 
   def objective(latents):
-    images = pipeline_lib.decode_latents(trainer.frozen_pipeline, frozen.vae, latents)
+    images = pipeline_lib.decode_latents(trainer.models.frozen_pipeline, frozen.vae, latents)
     return reward_apply(images, prompts).sum(), images
 
   grad_fn = jax.jit(jax.grad(objective, has_aux=True))
@@ -118,9 +118,9 @@ def backprop_rows(trainer, reward_apply, steps, learning_rate, every, save=None)
   from tdpo_jax import policy  # noqa: PLC0415
   from tdpo_jax import rollout  # noqa: PLC0415
   state, frozen = trainer.init_state(), trainer.frozen_params()
-  rollout_fn = rollout.make_rollout_fn(trainer.frozen_pipeline, config.sample)
+  rollout_fn = rollout.make_rollout_fn(trainer.models.frozen_pipeline, config.sample)
   prompts = [p for p in trainer.prompts for _ in range(config.eval.samples_per_prompt)]
-  input_ids, uncond_ids = rollout.tokenize_prompts(trainer.frozen_pipeline, prompts)
+  input_ids, uncond_ids = rollout.tokenize_prompts(trainer.models.frozen_pipeline, prompts)
 
   def images_of(params, key):
     unet = policy.unet_params(config.lora, frozen.unet, params)
@@ -172,6 +172,7 @@ def main(argv):
     raise SystemExit(f"error: --steps={_STEPS.value} --every={_EVERY.value}; expected >= 1")
   reward_apply = differentiable_reward(config)
   from tdpo_jax import images as images_lib  # noqa: PLC0415
+  from tdpo_jax import config_checks  # noqa: PLC0415
   from tdpo_jax import train  # noqa: PLC0415
   out = _OUT.value
   if out:
@@ -184,6 +185,7 @@ def main(argv):
           os.path.join(out, f"{_PROBE.value}_{step:04d}.png"))
 
   tic = time.time()
+  config_checks.validate_config(config)  # the Trainer does not validate (train.run does)
   trainer = train.Trainer(config)
   probe = ascent_rows if _PROBE.value == "ascent" else backprop_rows
   rows = probe(trainer, reward_apply, _STEPS.value, _LEARNING_RATE.value, _EVERY.value, save)

@@ -26,7 +26,7 @@ def main(argv):
   config = _CONFIG.value
   pipeline = pipeline_lib.load_pipeline(
       config.pretrained.model, cache_dir=config.pretrained.cache_dir,
-      image_encoder=config.pretrained.image_encoder, tiny_spec=config.pretrained.get("tiny"))
+      image_encoder=config.pretrained.image_encoder, tiny_spec=config.pretrained.tiny)
   params = rollout.RolloutParams(unet=pipeline.unet_params,
                                  text_encoder=pipeline.text_encoder_params,
                                  vae=pipeline.vae_params)

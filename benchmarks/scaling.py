@@ -50,10 +50,12 @@ def measure(num_devices):
   """Runs in the child: returns a dict of the measurements on `num_devices` devices."""
   import jax  # pylint: disable=g-import-not-at-top
   from tdpo_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import config_checks  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train  # pylint: disable=g-import-not-at-top
   if jax.device_count() < num_devices:
     raise SystemExit(f"expected >= {num_devices} devices, got {jax.device_count()}")
   config = configure(_CONFIG.value, num_devices)
+  config_checks.validate_config(config)  # the Trainer does not validate (train.run does)
   trainer = train.Trainer(config)
   frozen = trainer.frozen_params()
   state = trainer.init_state()

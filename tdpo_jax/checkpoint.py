@@ -5,7 +5,8 @@ Layout under `<workdir>/checkpoints/` (one orbax step per saved epoch boundary):
   <E>/state/   the `TrainState` after E completed epochs (`StandardSave`): step, epoch, policy
                params + AdamW state, critic params + AdamW state, normaliser buffers,
                reset_count, and the root key as raw key data (uint32 (2,) for threefry).
-  <E>/meta/    JSON: the config, epoch, step, key impl, format version. No host-side state is
+  <E>/meta/    JSON: the config, epoch, step, key impl, format version, and one checksum per
+               state leaf (`fingerprint`), compared after every restore. No host-side state is
                needed: every key folds (seed, stream, epoch, step) into the root key and the
                prompt sampler is `np.random.default_rng([seed, epoch])`.
 
@@ -14,6 +15,12 @@ epoch index E next. Saves are atomic (orbax writes `<E>.orbax-checkpoint-tmp*` a
 once complete), so a process killed mid-save leaves the previous step as the latest one; stale
 temporary directories are removed when the next manager opens the directory.
 
+A checkpoint that cannot be read back (a truncated or zeroed data file, garbage JSON metadata,
+leaves whose checksum differs from the one saved) raises `CheckpointError`, one line naming the
+step directory and the file or array; `restore_latest` then falls back to the previous checkpoint
+(with a warning) and moves the unreadable one aside as `<E>.corrupt` so the run can save step E
+again.
+
 One run per workdir: `workdir_lock` holds an exclusive lock on `<workdir>/.run.lock` while a run
 trains, so a second run started on the same workdir stops with an error instead of interleaving
 its metrics and checkpoints with the first one's.
@@ -21,19 +28,22 @@ its metrics and checkpoints with the first one's.
 import contextlib
 import fcntl
 import fnmatch
+import glob
 import json
 import logging as python_logging
 import os
 
 from absl import logging
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
 # Config keys (fnmatch patterns on dotted paths) that may differ between a run and its resume;
 # the mesh and sharding rules may change too (orbax reshards the state on restore).
-RESUMABLE_KEY_PATTERNS = ("num_epochs", "log.*", "eval.*", "checkpoint.*",
+RESUMABLE_KEY_PATTERNS = ("num_epochs", "log.*", "eval.*", "checkpoint.*", "reward_modules",
                           "pretrained.cache_dir", "mesh", "num_devices", "sharding.*")
 # Config keys added after checkpoints were written without them, each with the value that
 # reproduces the behaviour from before it existed: a saved config that lacks the key is read as
@@ -43,15 +53,29 @@ ADDED_KEY_DEFAULTS = {
     "critic.late_fraction": 0.3,
     "stats.per_prompt": True,
     "sample.group_size": 0,
+    "pretrained.tiny": None,
 }
+# Config keys removed after checkpoints were written with them, which nothing ever read: a saved
+# config holding one still resumes.
+REMOVED_KEYS = ("pretrained.revision",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be read back, or a save that failed (one line naming the path)."""
 
 
 class _DropOrbaxInfo(python_logging.Filter):
-  """Hides orbax's INFO lines (about 30 per save); its warnings and errors still show."""
+  """Hides orbax's INFO lines (about 30 per save); its warnings and errors still show, as one line
+  each: the tracebacks of its background threads are dropped (the run reports the cause itself,
+  in one line: `CheckpointError`)."""
 
   def filter(self, record):
-    return (record.levelno >= python_logging.WARNING
-            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno < python_logging.WARNING:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 def quiet_orbax_logging():
@@ -83,7 +107,8 @@ def make_manager(workdir, *, max_to_keep=None, async_save=True, create=True):
 
 
 def latest(workdir):
-  """(step, meta) of the latest finalized checkpoint in `workdir`, or (None, None).
+  """(step, meta) of the latest finalized checkpoint in `workdir` whose meta reads, or
+  (None, None). An unreadable one is skipped with a warning (`restore` falls back the same way).
 
   Reads only; creates nothing (safe before the config has been checked).
   """
@@ -91,8 +116,12 @@ def latest(workdir):
     return None, None
   manager = make_manager(workdir, async_save=False, create=False)
   try:
-    step = manager.latest_step()
-    return (None, None) if step is None else (step, restore_meta(manager, step))
+    for step in sorted(manager.all_steps(), reverse=True):
+      try:
+        return step, restore_meta(manager, step)
+      except CheckpointError as error:
+        logging.warning("%s; looking at the previous checkpoint", error)
+    return None, None
   finally:
     manager.close()
 
@@ -128,30 +157,124 @@ def abstract_state(state):
   return jax.tree.map(_abstract_leaf, state)
 
 
+def _leaf_fingerprint(leaf):
+  """Two uint32 sums over the leaf's bits: plain, and weighted by a hash of the element's index
+  (so a moved or zeroed element changes it). Wrapping uint32 sums are exact and independent of
+  the reduction order, so the value is the same on any mesh and after any reshard."""
+  bits = leaf
+  if bits.dtype.itemsize == 8:
+    bits = jax.lax.bitcast_convert_type(bits, jnp.uint32)  # (..., 2)
+  elif bits.dtype == jnp.bool_:
+    bits = bits.astype(jnp.uint32)
+  else:
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[bits.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(bits, unsigned)
+  bits = bits.astype(jnp.uint32)
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis in range(bits.ndim):
+    index = index * jnp.uint32(bits.shape[axis]) + jax.lax.broadcasted_iota(
+        jnp.uint32, bits.shape, axis)
+  weight = index * jnp.uint32(2654435761) + jnp.uint32(1)  # Knuth's multiplicative hash, odd
+  return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * weight, dtype=jnp.uint32)])
+
+
+_jit_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(leaf) for leaf in leaves])
+
+
+def fingerprint(storable_state):
+  """{leaf path: [sum, weighted sum]} of a storable state (`to_storable`): the checksums saved in
+  the meta and compared after a restore."""
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(storable_state)[0])
+  sums = jax.device_get(_jit_fingerprints(list(leaves)))
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)]
+          for path, s in zip(paths, sums)}
+
+
 def save(manager, state, config):
   """Saves `state` under step `state.epoch`, after waiting for the previous save.
 
   With an async manager this returns once the arrays are copied to the host (orbax's default
   synchronous device-to-host transfer), so the caller may donate them; the write continues in
-  the background until `manager.wait_until_finished()`.
+  the background until `manager.wait_until_finished()`. A previous save that failed raises
+  `CheckpointError` here (`wait_for_saves`).
   """
   epoch = int(state.epoch)
-  manager.wait_until_finished()
+  wait_for_saves(manager)
   meta = {"format_version": FORMAT_VERSION, "epoch": epoch, "step": int(state.step),
-          "key_impl": str(jax.random.key_impl(state.rng)), "config": config_to_dict(config)}
+          "key_impl": str(jax.random.key_impl(state.rng)), "config": config_to_dict(config),
+          "checksums": fingerprint(to_storable(state))}
   manager.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(to_storable(state)),
                                               meta=ocp.args.JsonSave(meta)), force=True)
   logging.info("checkpoint %d (the state after epoch %d): saving to %s", epoch, epoch - 1,
                manager.directory)
 
 
+def wait_for_saves(manager):
+  """Waits for the background save; raises `CheckpointError` if it failed.
+
+  Orbax only logs a failed async write (its finalize thread swallows the error, and the step is
+  never committed); `check_for_errors` raises it again in the calling thread, once.
+  """
+  try:
+    manager.wait_until_finished()  # raises when the finalize thread itself failed
+    manager.check_for_errors()  # raises what the finalize thread only logged
+  except Exception as error:  # pylint: disable=broad-except
+    raise CheckpointError(f"saving a checkpoint in {manager.directory} failed: "
+                          f"{_cause_line(error)}") from error
+
+
+# The JSON files of a step directory (orbax's layout), probed to name the one that is unreadable.
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA", "state/_sharding",
+               "state/array_metadatas/process_*")
+
+
+def _cause_line(error):
+  """The most specific one-line message in `error`'s chain (orbax wraps tensorstore's)."""
+  messages = []
+  while error is not None and len(messages) < 20:
+    text = str(error).strip()
+    if text and not isinstance(error, StopIteration):
+      messages.append(f"{type(error).__name__}: {text}" if isinstance(error, (
+          json.JSONDecodeError, KeyError)) else text)
+    error = error.__cause__ or error.__context__
+  specific = [m for m in messages if "Error reading" in m] or messages[-1:] or ["unknown error"]
+  return specific[0].splitlines()[0][:500]
+
+
+def _bad_json_file(step_dir):
+  """The first of the step's JSON files that does not parse, or None."""
+  for pattern in _JSON_FILES:
+    for path in sorted(glob.glob(os.path.join(step_dir, pattern))):
+      try:
+        with open(path) as f:
+          json.load(f)
+      except (OSError, ValueError):
+        return path
+  return None
+
+
+def describe_failure(manager, step, error):
+  """One line: the step directory, the file (or array) that failed, and the cause."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  bad = _bad_json_file(step_dir)
+  where = f"file {bad}" if bad else f"directory {step_dir}"
+  return f"checkpoint {step} is unreadable ({where}): {_cause_line(error)}"
+
+
 def restore_meta(manager, step):
-  """The JSON meta saved with `step` (a dict with `config`, `epoch`, `step`, `key_impl`)."""
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  """The JSON meta saved with `step` (a dict with `config`, `epoch`, `step`, `key_impl`).
+
+  Raises:
+    CheckpointError: one line naming the step directory and the unreadable file.
+  """
+  try:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise CheckpointError(describe_failure(manager, step, error)) from error
 
 
 def restore(manager, step, template):
-  """Restores the `TrainState` saved at `step`.
+  """Restores the `TrainState` saved at `step` and verifies it against the saved checksums.
 
   Args:
     manager: from `make_manager`.
@@ -161,11 +284,57 @@ def restore(manager, step, template):
 
   Returns:
     (state, meta): the restored `TrainState` with a typed key, and the JSON meta.
+
+  Raises:
+    CheckpointError: one line naming the step directory and the unreadable file, or the leaves
+      whose checksum differs from the one saved.
   """
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state(template)), meta=ocp.args.JsonRestore()))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state(template)), meta=ocp.args.JsonRestore()))
+  except Exception as error:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise CheckpointError(describe_failure(manager, step, error)) from error
   meta = restored["meta"]
+  saved = meta.get("checksums")  # None: written before checksums existed
+  if saved is not None:
+    now = fingerprint(restored["state"])
+    bad = sorted(path for path in set(saved) | set(now) if saved.get(path) != now.get(path))
+    if bad:
+      state_dir = os.path.join(str(manager.directory), str(step), "state")
+      listed = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+      raise CheckpointError(
+          f"checkpoint {step} is corrupt (directory {state_dir}): the checksum of {len(bad)} of "
+          f"{len(now)} arrays differs from the one saved ({listed})")
   return from_storable(restored["state"], meta["key_impl"]), meta
+
+
+def set_aside(manager, step):
+  """Moves an unreadable step directory to `<step>.corrupt` (process 0; kept for inspection, no
+  longer a step to orbax) and reloads the manager's step list."""
+  if jax.process_index() == 0:
+    step_dir = os.path.join(str(manager.directory), str(step))
+    target = step_dir + ".corrupt"
+    suffix = 1
+    while os.path.exists(target):
+      target, suffix = f"{step_dir}.corrupt{suffix}", suffix + 1
+    os.rename(step_dir, target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(f"tdpo_jax.checkpoint.set_aside {step}")
+  manager.reload()
+
+
+def readable_steps(manager):
+  """The manager's steps, newest first."""
+  return sorted(manager.all_steps(), reverse=True)
+
+
+def enforce_max_to_keep(manager, max_to_keep):
+  """Deletes the oldest steps beyond `max_to_keep` (a run killed between orbax's final rename
+  and its garbage collection leaves one too many); <= 0 keeps all."""
+  if max_to_keep and max_to_keep > 0:
+    for step in sorted(manager.all_steps())[:-max_to_keep]:
+      manager.delete(step)
 
 
 def flatten(tree, prefix=""):
@@ -186,9 +355,10 @@ def config_differences(saved, current):
   Returns:
     a sorted list of (key, saved value, current value); a key missing on one side gives
     "<missing>" there, except that a saved config lacking a key of `ADDED_KEY_DEFAULTS` holds its
-    default there.
+    default there; the saved `REMOVED_KEYS` are not compared.
   """
   saved, current = flatten(saved), flatten(current)
+  saved = {k: v for k, v in saved.items() if k not in REMOVED_KEYS}
   saved = {**{k: v for k, v in ADDED_KEY_DEFAULTS.items() if k in current}, **saved}
   differences = []
   for key in sorted(set(saved) | set(current)):

@@ -16,10 +16,11 @@ embedding (`critic.embed_noisy_latents`).
 """
 from typing import Callable, NamedTuple
 
+from tdpo_jax import config_checks
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.shapes import aesthetic
 
-TOWERS = ("image_encoder", "shapes_aesthetic")
+TOWERS = config_checks.CRITIC_TOWERS  # declared there, so the config check needs no jax
 
 
 class Tower(NamedTuple):

@@ -29,8 +29,8 @@ With `eval.before_training` the held-out set is also evaluated once before the f
 initial policy: `eval/before_training.{json,csv,png}`, TensorBoard step -1), so the curves of every
 algorithm and seed of one config start from the same point.
 
-The held-out rollouts reuse the trainer's jitted rollout kernel in chunks of `sample.batch_size`
-(the last chunk padded with repeats of its last prompt, dropped afterwards), so they need no new
+The held-out rollouts reuse the training rollout kernel (`PolicySampler`) in chunks of
+`sample.batch_size` (the last chunk padded with repeats of its last prompt, dropped afterwards), so they need no new
 compilation and split over the mesh exactly as training samples do.
 """
 import csv
@@ -38,6 +38,7 @@ import json
 import math
 import os
 import time
+from typing import Callable, NamedTuple
 
 from absl import logging
 import jax
@@ -58,33 +59,6 @@ NORM_EPS = 1e-12
 # are 0, 1, ...; epoch 0's evaluation is after epoch 0's update).
 BEFORE_TRAINING_NAME = "before_training"
 BEFORE_TRAINING_STEP = -1
-
-
-def validate_config(config):
-  """Checks `config.eval`; raises a one-line ValueError naming the bad key and value."""
-  c = config.eval
-  if c.every < 0:
-    raise ValueError(f"eval.every={c.every} must be >= 0 (0 = no evaluation)")
-  if not c.every:
-    return
-  if isinstance(c.rewards, str) or not c.rewards:
-    raise ValueError(f"eval.rewards={c.rewards!r} must be a non-empty tuple of reward names; "
-                     f"expected names from {rewards.available()}")
-  for name in c.rewards:
-    try:
-      rewards.check_name(name)
-    except ValueError as error:
-      raise ValueError(f"eval.rewards: {error}") from None
-  if len(set(c.rewards)) != len(c.rewards):
-    raise ValueError(f"eval.rewards={tuple(c.rewards)} names a reward twice")
-  minimum = 2 if c.diversity else 1
-  if c.samples_per_prompt < minimum:
-    raise ValueError(f"eval.samples_per_prompt={c.samples_per_prompt} must be >= {minimum}"
-                     + (" (diversity compares pairs of samples)" if c.diversity else ""))
-  available = len(prompts_lib.load_prompts(c.prompts))  # raises for an unknown set
-  if not 0 <= c.num_prompts <= available:
-    raise ValueError(f"eval.num_prompts={c.num_prompts} must be in [0, {available}], the size "
-                     f"of the held-out set {c.prompts!r} (0 = all of it)")
 
 
 def is_due(config, epoch):
@@ -149,35 +123,61 @@ def heldout_prompt_list(config):
   return list(prompts[:config.eval.num_prompts or len(prompts)])
 
 
+class PolicySampler(NamedTuple):
+  """The two functions of the training side that the evaluation samples with.
+
+  Attributes:
+    rollout_params: (state, frozen) -> the current policy's `rollout.RolloutParams`.
+    rollout_prompts: (params, prompts (list of B strings), key) -> `rollout.Trajectory`.
+    reward_on_mesh: reward_fn -> the same reward scored on the training mesh
+      (`kernels.reward_scorer`).
+  """
+  rollout_params: Callable
+  rollout_prompts: Callable
+  reward_on_mesh: Callable
+
+
 class Evaluator:
   """Holds the eval reward functions (built once) and runs the evaluation of one epoch."""
 
-  def __init__(self, config, trainer):
-    """Builds nothing when `eval.every` is 0; otherwise loads every eval reward once."""
-    validate_config(config)
-    self.config, self.trainer = config, trainer
+  def __init__(self, config, sampler, models, train_reward_fn):
+    """Builds nothing when `eval.every` is 0; otherwise loads every eval reward once.
+
+    Args:
+      config: the run config.
+      sampler: `PolicySampler`, the training side's rollout (the held-out samples are drawn by
+        the kernel the policy trains with).
+      models: `epoch.EpochModels` (the critic tower for diversity, the frozen pipeline for the
+        path KL).
+      train_reward_fn: the training reward (already on the mesh), reused when it is also an
+        eval reward.
+
+    `config.eval` is checked once per run, by `config_checks.validate_config` (train.run)."""
+    self.config, self.sampler = config, sampler
     self.enabled = config.eval.every > 0
     if not self.enabled:
       return
     cache_dir = config.pretrained.cache_dir
+    rewards.import_reward_modules(config.reward_modules)  # they register their rewards
     # The training reward is already loaded: a second copy of a ViT-H would double its memory.
     self.reward_fns = {
-        name: (trainer.reward_fn if name == config.reward
-               else rewards.make_reward_fn(name, config.rewards, cache_dir=cache_dir))
+        name: (train_reward_fn if name == config.reward
+               else sampler.reward_on_mesh(
+                   rewards.make_reward_fn(name, config.rewards, cache_dir=cache_dir)))
         for name in config.eval.rewards}
     self.prompts = heldout_prompt_list(config)
     self.samples_per_prompt = config.eval.samples_per_prompt
     self.diversity = bool(config.eval.diversity)
-    if self.diversity and trainer.tower is None:
+    if self.diversity and models.tower is None:
       logging.warning("eval.diversity is on but the pipeline %r has no CLIP image encoder "
                       "(set pretrained.image_encoder); skipping diversity",
                       config.pretrained.model)
       self.diversity = False
     if self.diversity:
-      self.jit_embed_images = jax.jit(trainer.tower.embed_fn)
+      self.jit_embed_images = jax.jit(models.tower.embed_fn)
     self.kl_to_pretrained = bool(config.eval.kl_to_pretrained)
     if self.kl_to_pretrained:
-      self.jit_path_kl = jax.jit(make_path_kl_fn(trainer.frozen_pipeline, config.sample))
+      self.jit_path_kl = jax.jit(make_path_kl_fn(models.frozen_pipeline, config.sample))
 
   def due(self, epoch):
     return self.enabled and is_due(self.config, epoch)
@@ -190,15 +190,15 @@ class Evaluator:
       path KL to the pre-trained policy (N,) host or None), rows ordered prompt-major: sample
       s of prompt p is row p S + s.
     """
-    trainer, batch = self.trainer, self.config.sample.batch_size
+    sampler, batch = self.sampler, self.config.sample.batch_size
     prompts = [p for p in self.prompts for _ in range(self.samples_per_prompt)]
     total = len(prompts)
     padded = prompts + prompts[-1:] * (math.ceil(total / batch) * batch - total)
-    params = trainer.rollout_params(state, frozen)
+    params = sampler.rollout_params(state, frozen)
     key = jax.random.key(self.config.eval.seed)
     images, embeds, kls = [], [], []
     for chunk, start in enumerate(range(0, len(padded), batch)):
-      trajectory = trainer.rollout_prompts(params, padded[start:start + batch],
+      trajectory = sampler.rollout_prompts(params, padded[start:start + batch],
                                            jax.random.fold_in(key, chunk))
       images.append(sharding_lib.to_host(trajectory.images))
       if self.diversity:

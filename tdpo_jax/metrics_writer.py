@@ -5,14 +5,20 @@ Only process 0 writes (multi-host runs call this on every host). tensorboardX, n
 `flax.metrics.tensorboard`, which imports TensorFlow (DESIGN §6). W&B is not a dependency: with
 `config.log.wandb.enabled` the `wandb` package must be installed (`pip install wandb`); it then
 receives the same scalars and images, with the epoch as its step.
+
+Writes are synchronous: a failed write (a full disk, a read-only filesystem) raises OSError in
+the training loop, which stops the run (tensorboardX's own background writer thread would die
+and leave the next write blocked forever on its full queue).
 """
-import importlib
+import glob
 import json
 import os
 
 import jax
 import numpy as np
 from PIL import Image
+
+from tdpo_jax import config_checks
 
 
 class MetricWriter:
@@ -25,21 +31,21 @@ class MetricWriter:
       resume_epoch: when resuming from a checkpoint of this many completed epochs, the logged
         epochs >= resume_epoch (written after that checkpoint by the interrupted run) are dropped
         from metrics.jsonl and purged from TensorBoard, so no epoch is logged twice.
-      config: the run's config; its `log.wandb` section (if any) turns W&B on.
+      config: the run's config; its `log.wandb` section turns W&B on (`enabled`).
     """
     self.active = jax.process_index() == 0
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self.tensorboard = None
     self.wandb_run = None
     if self.active:
-      wandb_config = config.log.get("wandb") if config is not None else None
-      if wandb_config is not None and wandb_config.enabled:
-        self.wandb_run = start_wandb(wandb_config, config, workdir)
+      if config is not None and config.log.wandb.enabled:
+        self.wandb_run = start_wandb(config.log.wandb, config, workdir)
       if resume_epoch is not None:
         truncate_metrics(workdir, resume_epoch)
       import tensorboardX  # pylint: disable=g-import-not-at-top  (heavy; writer process only)
       self.tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"),
                                                     purge_step=resume_epoch)
+      _write_synchronously(self.tensorboard)
 
   def write(self, epoch, metrics):
     """metrics: flat dict of Python floats with namespaced keys (`reward/mean`, ...)."""
@@ -81,29 +87,66 @@ class MetricWriter:
 
   def close(self):
     if self.tensorboard is not None:
-      self.tensorboard.close()
+      tensorboard, self.tensorboard = self.tensorboard, None
+      tensorboard.close()
     if self.wandb_run is not None:
       self.wandb_run.finish()
       self.wandb_run = None
 
 
-def check_config(config):
-  """Raises a one-line ValueError when `log.wandb.enabled` but `wandb` is not installed (run at
-  startup, before any model is loaded)."""
-  wandb_config = config.log.get("wandb")
-  if wandb_config is not None and wandb_config.enabled:
-    _import_wandb()
+def _write_synchronously(summary_writer):
+  """Makes a tensorboardX `SummaryWriter` write each event in the calling thread.
+
+  tensorboardX (2.6.5, pinned) queues events for a daemon thread (`EventFileWriter._worker`);
+  when a write fails there (ENOSPC) the thread dies with the error printed, and the next
+  `add_event` blocks forever on the full queue. Writing in the caller's thread turns the failure
+  into an OSError the run stops on. (Private attributes: checked, so another tensorboardX
+  version keeps its own behaviour instead of breaking.)
+  """
+  event_writer = summary_writer._get_file_writer().event_writer  # pylint: disable=protected-access
+  worker = getattr(event_writer, "_worker", None)
+  records = getattr(event_writer, "_ev_writer", None)
+  if worker is None or records is None or not hasattr(records, "write_event"):
+    return
+  worker.stop()  # drains the queue (the file's first events) and joins the thread
+  event_writer._worker = _StoppedWorker()  # pylint: disable=protected-access  (close() stops it)
+  event_writer.add_event = records.write_event
+
+
+class _StoppedWorker:
+  """Stands for tensorboardX's stopped writer thread (its `close()` calls `stop()`)."""
+
+  def stop(self):
+    pass
+
+
+# What a run logs into its workdir besides checkpoints (cleared when it starts from scratch).
+RUN_OUTPUT_PATTERNS = ("metrics.jsonl", "metrics.jsonl.tmp", "config.json",
+                       "tensorboard/events.out.tfevents.*", "images/epoch_*.png",
+                       "eval/epoch_*.csv", "eval/epoch_*.png", "eval/before_training.*")
+
+
+def clear_run_outputs(workdir):
+  """Deletes what an earlier run logged in `workdir` (metrics.jsonl, TensorBoard event files,
+  image grids, eval tables and grids): called when a run starts from scratch because no
+  checkpoint was committed, so the lost run's epochs are not logged twice. Only process 0.
+
+  Returns:
+    the list of deleted paths.
+  """
+  removed = []
+  for pattern in RUN_OUTPUT_PATTERNS:
+    for path in sorted(glob.glob(os.path.join(workdir, pattern))):
+      if os.path.isfile(path):
+        os.remove(path)
+        removed.append(path)
+  return removed
 
 
 def _import_wandb():
-  """The `wandb` module, or a ValueError with the install command (main prints it as one line,
-  like any other bad setting)."""
-  try:
-    return importlib.import_module("wandb")
-  except ImportError as error:
-    raise ValueError("config.log.wandb.enabled is True but the wandb package is not "
-                     "installed; run `pip install wandb` or set "
-                     "--config.log.wandb.enabled=False") from error
+  """The `wandb` module, or a one-line ValueError with the install command (the startup check,
+  `config_checks.check_wandb`, raises the same)."""
+  return config_checks.import_wandb()
 
 
 def start_wandb(wandb_config, config, workdir):

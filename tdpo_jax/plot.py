@@ -1,4 +1,4 @@
-"""PNG plots of a run's `<workdir>/metrics.jsonl`: `python -m tdpo_jax.plot <workdir> [--out DIR]`.
+"""PNG plots of a run's `<workdir>/metrics.jsonl`: `python -m tdpo_jax.plot <workdir> [--out=DIR]`.
 
 Writes (each only when its metrics were logged):
   reward.png            training reward, mean ± std per epoch;
@@ -10,7 +10,6 @@ Writes (each only when its metrics were logged):
   dormant.png           dormant fraction of each critic layer (`reset/dormant_frac/l*`).
 The default output directory is `<workdir>/plots`.
 """
-import argparse
 import os
 import re
 import sys
@@ -132,13 +131,22 @@ def plot_workdir(workdir, out_dir=None):
   return plot_metrics(rows, out_dir or os.path.join(workdir, "plots"))
 
 
+def define_flags(flag_values, argv):
+  del argv
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("out", None, "Output directory (default <workdir>/plots).",
+                      flag_values=flag_values)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("workdir", help="a tdpo_jax.main --workdir")
-  parser.add_argument("--out", default=None, help="output directory (default <workdir>/plots)")
-  args = parser.parse_args(argv)
+  """`argv`: WORKDIR and the flags, without the program name (None: sys.argv[1:])."""
+  from tdpo_jax import cli  # pylint: disable=g-import-not-at-top
+  values, positional = cli.parse(argv, define_flags, "python -m tdpo_jax.plot")
+  if len(positional) != 1:
+    raise SystemExit(f"error: got arguments {positional}; expected one WORKDIR (a tdpo_jax.main "
+                     "--workdir)")
   try:
-    paths = plot_workdir(args.workdir, args.out)
+    paths = plot_workdir(positional[0], values["out"].value)
   except ValueError as error:
     raise SystemExit(f"error: {error}") from None
   for path in paths:

@@ -30,7 +30,7 @@ def sample_images(config, prompts, seed):
 
   pipeline = pipeline_lib.load_pipeline(
       config.pretrained.model, cache_dir=config.pretrained.cache_dir,
-      image_encoder=config.pretrained.image_encoder, tiny_spec=config.pretrained.get("tiny"))
+      image_encoder=config.pretrained.image_encoder, tiny_spec=config.pretrained.tiny)
   rollout_fn = jax.jit(rollout.make_rollout_fn(pipeline, config.sample))
   params = rollout.RolloutParams(unet=pipeline.unet_params,
                                  text_encoder=pipeline.text_encoder_params,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from tdpo_jax import config_checks
 from tdpo_jax import ddim
 from tdpo_jax import objectives
 from tdpo_jax import policy
@@ -33,8 +34,8 @@ from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import unet as unet_lib
 
 # `train.remat`: "none", "unet" (jax.checkpoint around the whole UNet call) or "blocks" (each
-# down/mid/up block rematerialised inside the UNet).
-REMAT_MODES = ("none", "unet", "blocks")
+# down/mid/up block rematerialised inside the UNet); declared in config_checks (no jax there).
+REMAT_MODES = config_checks.REMAT_MODES
 # What remat keeps: dots without batch dims (weights x activations), cheap to keep, costly to redo.
 REMAT_POLICY = "dots_with_no_batch_dims_saveable"
 
@@ -139,7 +140,7 @@ def make_train_step(pipeline, critic, config, *, use_critic):
   if train_config.remat == "unet":
     # Keep only the UNet's inputs for the backward pass and recompute its activations there.
     eps_fn = jax.checkpoint(eps_fn, policy=unet_lib.remat_policy_from_name(REMAT_POLICY))
-  fuse = bool(train_config.get("fuse_micro_batches", False))
+  fuse = train_config.fuse_micro_batches
 
   def loss_fn(params, frozen, micro, rng):
     policy_params, critic_params = params

@@ -1,4 +1,5 @@
 """Shared test helpers: the tiny config, shrunk further where a test needs speed."""
+import importlib
 import importlib.util
 import os
 
@@ -6,8 +7,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name="tiny", arg=None):
-  """`configs/<name>.py`'s get_config(arg), loaded by path as `main.py` does."""
-  return load_script(os.path.join("configs", f"{name}.py"), f"config_{name}").get_config(arg)
+  """`tdpo_jax/configs/<name>.py`'s get_config(arg): what `--config=configs/<name>.py:arg` loads."""
+  return importlib.import_module(f"tdpo_jax.configs.{name}").get_config(arg)
 
 
 def load_script(relative_path, name):
@@ -58,18 +59,48 @@ def tiny_rollout_inputs(cache_dir, num_prompts=4):
   return config, pipeline, params, input_ids, uncond_ids
 
 
-def epoch_batches(trainer, state, frozen, trajectory, prompt_index, epoch=0):
-  """The pre-training phases of `Trainer.run_epoch` (reward, normalise, critic values,
-  advantages), returning the epoch's `TransitionBatch` with leading dims (S, k, M)."""
+def epoch_batches(trainer, state, frozen, trajectory, prompt_index):
+  """The phases of `epoch.prepare` done one by one, eagerly, with the transitions gathered by
+  Python loops over the documented timestep-outer order (an independent reference for the
+  `prepare` kernel). Returns the epoch's `TransitionBatch` with leading dims (S, k, M)."""
+  import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import config_checks  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import epoch  # pylint: disable=import-outside-toplevel
   from tdpo_jax import objectives  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import stats  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import train_step as train_step_lib  # pylint: disable=import-outside-toplevel
+  config, models = trainer.config, trainer.models
   prompts = [trainer.prompts[i] for i in prompt_index]
   reward = trainer.reward_fn(np.asarray(trajectory.images), prompts)
-  _, normalised = trainer.jit_normalise(state.normaliser, prompt_index, reward)
-  returns = jnp.broadcast_to(normalised[:, None], trajectory.log_probs.shape)
-  embeds = trainer.embed_states(frozen, trajectory)
-  values = trainer.jit_values(state.critic_params, embeds.reshape(-1, trainer.embed_dim))
-  values = values.reshape(returns.shape)
-  advantages = objectives.advantages(returns, values)
-  return trainer.transitions(trajectory, embeds, advantages, returns, values, epoch)
+  _, normalised = stats.normalise(state.normaliser, jnp.asarray(prompt_index), jnp.asarray(reward),
+                                  min_count=config.stats.min_count, eps=config.stats.eps,
+                                  per_prompt=config.stats.per_prompt)
+  returns = np.broadcast_to(np.asarray(normalised)[:, None], trajectory.log_probs.shape)
+  embeds = np.asarray(trainer.embed_states(frozen, trajectory))  # (N, T, d)
+  values = np.asarray(models.critic.apply({"params": state.critic_params},
+                                          embeds.reshape(-1, models.embed_dim),
+                                          deterministic=True)).reshape(returns.shape)
+  advantages = np.asarray(objectives.advantages(jnp.asarray(returns), jnp.asarray(values)))
+  num_steps = config.sample.num_steps
+  sample_index, step_index = (np.asarray(x) for x in epoch.train_indices(
+      state.rng, int(state.epoch), len(prompt_index), num_steps,
+      config_checks.num_train_timesteps(config)))
+  host = jax.tree.map(np.asarray, trajectory)
+  rows = {name: [] for name in train_step_lib.TransitionBatch.__dataclass_fields__}
+  for j in range(sample_index.shape[0]):  # pass-major: pass j, then the samples in order
+    for i in range(sample_index.shape[1]):
+      s, t = sample_index[j, i], step_index[j, i]
+      rows["latents"].append(host.latents[s, t])
+      rows["next_latents"].append(host.latents[s, t + 1])
+      rows["timesteps"].append(host.timesteps[s, t])
+      rows["old_log_probs"].append(host.log_probs[s, t])
+      rows["advantages"].append(advantages[s, t])
+      rows["returns"].append(returns[s, t])
+      rows["old_values"].append(values[s, t])
+      rows["embeds"].append(embeds[s, t])
+      rows["prompt_embeds"].append(host.prompt_embeds[s])
+  micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
+  stack = lambda x: np.stack(x).reshape((-1, accum, micro) + np.shape(x[0]))
+  return train_step_lib.TransitionBatch(**{name: stack(x) for name, x in rows.items()})

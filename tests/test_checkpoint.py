@@ -150,6 +150,17 @@ def test_config_differences_reads_added_keys_as_their_old_behaviour():
   assert checkpoint.config_differences(saved, current) == [("sample.group_size", 0, 4)]
 
 
+def test_config_differences_skips_removed_keys():
+  # A checkpoint written while the config held pretrained.revision (read by nothing) and lacked
+  # pretrained.tiny (added as None) resumes under today's sd15 / shapes configs.
+  saved = {"seed": 0, "pretrained": {"model": "m", "revision": "", "cache_dir": ""}}
+  current = {"seed": 0, "pretrained": {"model": "m", "cache_dir": "", "tiny": None}}
+  assert checkpoint.config_differences(saved, current) == []
+  current["pretrained"]["tiny"] = {"unet": {"sample_size": 8}}
+  assert checkpoint.config_differences(saved, current) == [
+      ("pretrained.tiny.unet.sample_size", "<missing>", 8)]
+
+
 def test_truncate_metrics(tmp_path):
   lines = [json.dumps({"epoch": e, "x": e}) for e in range(4)]
   (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + '{"epoch": 4, "x"')
@@ -227,7 +238,7 @@ def test_sigterm_and_resume_equals_uninterrupted_run(cache_dir, tmp_path):
     time.sleep(0.1)
   process.send_signal(signal.SIGTERM)
   stdout, stderr = process.communicate(timeout=600)
-  assert process.returncode == 0, stderr[-3000:]
+  assert process.returncode == 75, stderr[-3000:]  # EX_TEMPFAIL: requeue me (main.py)
   assert "preempted: stopped after epoch 2" in stdout
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(workdir))] == [0, 1, 2]
   assert checkpoint.latest(str(workdir))[0] == 3

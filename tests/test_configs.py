@@ -5,8 +5,8 @@ prompt sets share no prompt with the training sets they evaluate.
 """
 import pytest
 
+from tdpo_jax import config_checks
 from tdpo_jax import prompts as prompts_lib
-from tdpo_jax import train
 from tests import helpers
 
 
@@ -26,7 +26,7 @@ def test_paper_presets(arg, reward, prompts, heldout, model):
   assert config.pretrained.model == model
   # The paper's cross-reward evaluation: all four model rewards.
   assert set(config.eval.rewards) == {"aesthetic", "pickscore", "hpsv2", "image_reward"}
-  train.validate_config(config)
+  config_checks.validate_config(config)
   train_set = set(prompts_lib.load_prompts(config.prompts))
   heldout_set = prompts_lib.load_prompts(config.eval.prompts)
   assert not train_set & set(heldout_set)
@@ -48,7 +48,7 @@ def test_unknown_reward_preset_lists_the_known_ones():
 
 def test_tiny_evaluates_cheaply_on_its_mesh():
   config = helpers.load_config("tiny")
-  train.validate_config(config)
+  config_checks.validate_config(config)
   assert config.eval.every == 2 and config.eval.diversity
   assert set(config.eval.rewards) == {"jpeg_compressibility", "jpeg_incompressibility"}
   assert config.eval.num_prompts * config.eval.samples_per_prompt == config.sample.batch_size

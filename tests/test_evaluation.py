@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tdpo_jax import config_checks
 from tdpo_jax import evaluation
 from tdpo_jax import plot
 from tdpo_jax import train
@@ -93,12 +94,12 @@ def test_diversity_of_identical_and_opposite_samples():
 def test_bad_eval_config_is_named(tmp_path, overrides, message):
   config = helpers.tiny_config(tmp_path, **overrides)
   with pytest.raises(ValueError, match=message):
-    train.validate_config(config)
+    config_checks.validate_config(config)
 
 
 def test_eval_off_skips_validation_of_the_rest(tmp_path):
   config = helpers.tiny_config(tmp_path, **{"eval.every": 0, "eval.rewards": ("nope",)})
-  train.validate_config(config)  # nothing is evaluated, so nothing else is checked
+  config_checks.validate_config(config)  # nothing is evaluated, so nothing else is checked
 
 
 def test_eval_epochs():
@@ -198,10 +199,14 @@ def _pil_jpeg_kb(images):
   return np.asarray(sizes)
 
 
+def _evaluator(config, trainer):
+  return evaluation.Evaluator(config, trainer.sampler(), trainer.models, trainer.score_reward)
+
+
 @pytest.fixture(scope="module")
 def trainer_and_evaluator(cache_dir):
   trainer = train.Trainer(_fast_config(cache_dir))
-  return trainer, evaluation.Evaluator(trainer.config, trainer)
+  return trainer, _evaluator(trainer.config, trainer)
 
 
 def test_train_prompt_scores_are_the_jpeg_sizes(trainer_and_evaluator):
@@ -237,14 +242,14 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   # 3 prompts x 2 samples = 6 rows: two rollouts of 4, the second padded. Chunk 0 holds the
   # same prompts with the same key as above, so its rows are the same images.
   padded_config = _fast_config(cache_dir, **{"eval.num_prompts": 3})
-  images_p, prompts_p, _, _ = evaluation.Evaluator(padded_config, trainer).sample_heldout(
+  images_p, prompts_p, _, _ = _evaluator(padded_config, trainer).sample_heldout(
       state, frozen)
   assert images_p.shape[0] == 6 and prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
   np.testing.assert_array_equal(images_p[:4], images_a)
   # The same evaluation on a 2-device mesh: the rollout batch splits over both devices.
   sharded = train.Trainer(_fast_config(cache_dir, num_devices=2))
   assert sharded.mesh.devices.size == 2
-  sharded_eval = evaluation.Evaluator(sharded.config, sharded)
+  sharded_eval = _evaluator(sharded.config, sharded)
   images_c, _, embeds_c, _ = sharded_eval.sample_heldout(sharded.init_state(),
                                                       sharded.frozen_params())
   np.testing.assert_allclose(images_c, images_a, atol=1e-4)
@@ -268,7 +273,7 @@ def test_path_kl_is_the_sum_of_gaussian_kls(trainer_and_evaluator):
                                        jax.random.key(4))
   kl = np.asarray(evaluator.jit_path_kl(policy_unet, frozen.unet, trajectory,
                                         frozen.uncond_embeds))
-  config, pipeline = trainer.config, trainer.frozen_pipeline
+  config, pipeline = trainer.config, trainer.models.frozen_pipeline
   alphas = ddim.alphas_cumprod(pipeline.scheduler_config)
   expected = np.zeros(kl.shape, np.float64)
   for t in range(config.sample.num_steps):

@@ -245,7 +245,9 @@ def test_image_reward_matches_pytorch(reference):
       "image_reward", _section(reference["checkpoint"], reference["tokenizer"]))
   images = _images()
   scores = reward_fn(images, PROMPTS)
-  assert isinstance(scores, jax.Array) and scores.shape == (2,) and scores.dtype == jnp.float32
+  # A model reward: jittable math the trainer scores on the mesh (kernels.reward_scorer).
+  assert isinstance(reward_fn, rewards.DeviceReward)
+  assert scores.shape == (2,) and scores.dtype == np.float32
   pixel_values = np.asarray(image_encoder_lib.preprocess_images(images, VISION["image_size"]))
   expected, expected_features = _reference_scores(reference, pixel_values, PROMPTS)
   assert abs(expected[0] - expected[1]) > 0.1 * np.abs(expected).max()  # not bias-dominated

@@ -9,8 +9,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from tdpo_jax import config_checks
 from tdpo_jax import metrics_writer
-from tdpo_jax import train
 from tests import helpers
 
 
@@ -60,7 +60,7 @@ def test_wandb_receives_scalars_and_images(tmp_path, monkeypatch):
   fake = _fake_wandb()
   monkeypatch.setitem(sys.modules, "wandb", fake)
   config = _wandb_config(tmp_path)
-  train.validate_config(config)  # wandb "installed": no error
+  config_checks.validate_config(config)  # wandb "installed": no error
   writer = metrics_writer.MetricWriter(str(tmp_path), config=config)
   writer.write(0, {"epoch": 0.0, "reward/mean": 1.5, "eval/heldout/aesthetic/mean": 5.25})
   writer.write(1, {"epoch": 1.0, "reward/mean": 2.5})
@@ -85,7 +85,7 @@ def test_wandb_disabled_by_default_never_imports_it(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` would raise ImportError
   config = helpers.tiny_config(tmp_path)
   assert not config.log.wandb.enabled
-  train.validate_config(config)
+  config_checks.validate_config(config)
   writer = metrics_writer.MetricWriter(str(tmp_path), config=config)
   writer.write(0, {"epoch": 0.0, "reward/mean": 1.0})
   writer.close()
@@ -94,4 +94,4 @@ def test_wandb_disabled_by_default_never_imports_it(tmp_path, monkeypatch):
 def test_wandb_enabled_but_missing_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, "wandb", None)
   with pytest.raises(ValueError, match=r"wandb package is not installed; run `pip install wandb`"):
-    train.validate_config(_wandb_config(tmp_path))
+    config_checks.validate_config(_wandb_config(tmp_path))

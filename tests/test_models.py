@@ -6,13 +6,13 @@ image-encoder pixel_values (B,3,32,32) NCHW.
 import functools
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tdpo_jax.configs import tiny as tiny_config
 from tdpo_jax.models import convert
 from tdpo_jax.models import diffusers_weights
 from tdpo_jax.models import image_encoder as image_encoder_lib
@@ -25,11 +25,6 @@ COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder")
 
 @pytest.fixture(scope="module")
 def tiny_spec():
-  sys.path.insert(0, os.path.join(REPO_ROOT, "configs"))
-  try:
-    import tiny as tiny_config  # configs/tiny.py  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
   return tiny_config.tiny_model_spec()
 
 

@@ -12,10 +12,11 @@ import pytest
 
 from tests import helpers
 
-REDUCED = ["num_devices=1", "sample.num_steps=4", "sample.batch_size=4",
-           "sample.num_batches_per_epoch=1", "train.batch_size=4",
-           "train.gradient_accumulation_steps=1", "eval.num_prompts=2",
-           "eval.samples_per_prompt=2", "reset.period=1", "eval.kl_to_pretrained=False"]
+REDUCED = {"num_devices": 1, "sample.num_steps": 4, "sample.batch_size": 4,
+           "sample.num_batches_per_epoch": 1, "train.batch_size": 4,
+           "train.gradient_accumulation_steps": 1, "eval.num_prompts": 2,
+           "eval.samples_per_prompt": 2, "reset.period": 1, "eval.kl_to_pretrained": False}
+SHAPES = os.path.join(helpers.REPO, "configs", "shapes.py")
 REDUCED_STATES = 4  # sample.num_steps above: ev_k00 .. ev_k03
 MIN_IMAGE_STD = 5  # grey-level std of a PNG with lines and text (a blank canvas has ~0)
 
@@ -154,14 +155,17 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
   out = ["--out", str(tmp_path)]
   for argv, message in (
       (["--algorithms", "ddpo,ppo"], "unknown 'ppo'"),
-      (["--set", "sample.nope=1"], "no config entry 'sample.nope'"),
-      (["--preset", "pickscore"], "--preset='pickscore'; expected one of"),
+      (["--config.sample.nope=1"], "unknown config key in --config.sample.nope"),
+      (["--config.sample.num_steps=ten"], "--config.sample.num_steps=ten: invalid literal"),
+      ([f"--config={SHAPES}:reward=pickscore"], "unknown reward preset 'pickscore'"),
+      ([f"--config={SHAPES}:algorithm=ddpo"], "expected only reward=PRESET"),
+      (["--preset=gold"], "Unknown command line flag 'preset'"),
       (["--epochs", "1"], "--epochs=1; expected >= 2"),
       (["--epochs", "ten"], "--epochs='ten'; expected an integer"),
       (["--seeds", "0,0"], "0 twice"),
       (["--seeds", ""], "--seeds is empty"),
-      (["--set", "eval.every=2"], "eval.every=2; expected 1"),
-      (["--set", "eval.rewards=('shapes_gold',)"], "lacks 'shapes_aesthetic'")):
+      (["--config.eval.every=2"], "eval.every=2; expected 1"),
+      (["--config.eval.rewards=('shapes_gold',)"], "lacks 'shapes_aesthetic'")):
     with pytest.raises(SystemExit, match=message) as error:
       bench.main(out + argv)
     assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
@@ -170,11 +174,12 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 
 def test_settings_mismatch_is_refused_before_any_run(tmp_path):
   bench = _benchmark()
-  settings = {"preset": "aesthetic", "epochs": 5, "set": ["sample.num_steps=4"]}
+  settings = {"preset": "aesthetic", "epochs": 5, "overrides": {"sample.num_steps": 4}}
   (tmp_path / "settings.json").write_text(json.dumps(settings))
-  for argv, message in ((["--preset", "gold"], "holds preset 'aesthetic'"),
-                        (["--set", "sample.num_steps=5"], "holds --set"),
-                        (["--epochs", "3", "--set", "sample.num_steps=4"], "5-epoch runs")):
+  for argv, message in (([f"--config={SHAPES}:reward=gold"], "holds preset 'aesthetic'"),
+                        (["--config.sample.num_steps=5"], "holds overrides"),
+                        ([], "holds overrides --config.sample.num_steps=4"),
+                        (["--epochs", "3", "--config.sample.num_steps=4"], "5-epoch runs")):
     with pytest.raises(SystemExit, match=message) as error:
       bench.main(["--out", str(tmp_path), "--epochs", "5"] + argv)
     assert "\n" not in str(error.value)
@@ -188,20 +193,53 @@ def test_settings_mismatch_is_refused_before_any_run(tmp_path):
     bench.main(["--out", str(tmp_path / "other")])
 
 
+def test_settings_of_the_former_set_command_line_stay_compatible(tmp_path):
+  """A settings.json written with `--set KEY=VALUE` (its "set" list) accepts the equivalent
+  `--config.KEY=VALUE` flags (by value, in any order) and refuses others."""
+  bench = _benchmark()
+  committed = os.path.join(helpers.REPO, "docs", "overopt_aesthetic", "settings.json")
+  with open(committed) as file:
+    saved = json.load(file)
+  assert saved["set"] == []  # the committed aesthetic results: no overrides
+  (tmp_path / "settings.json").write_text(json.dumps(saved))
+  args = bench.parse_args(["--out", str(tmp_path), "--epochs", str(saved["epochs"])])
+  settings = {"preset": args.preset, "epochs": args.epochs,
+              "overrides": bench.normalised_overrides(args.overrides)}
+  assert bench.check_settings(str(tmp_path), settings) == {
+      "preset": "aesthetic", "epochs": saved["epochs"], "overrides": {}}
+  old = {"preset": "aesthetic", "epochs": 5,
+         "set": ["sample.num_steps=4", "prompts=/data/my prompts.txt", "train.learning_rate=1e-2",
+                 "eval.rewards=('shapes_gold', 'shapes_aesthetic')", "sample.num_steps=5"]}
+  (tmp_path / "settings.json").write_text(json.dumps(old))
+  flags = ["--config.eval.rewards=('shapes_gold', 'shapes_aesthetic')",
+           "--config.train.learning_rate=0.01", "--config.sample.num_steps=5",
+           "--config.prompts=/data/my prompts.txt"]
+  args = bench.parse_args(["--out", str(tmp_path), "--epochs", "5"] + flags)
+  settings = {"preset": "aesthetic", "epochs": 5,
+              "overrides": bench.normalised_overrides(args.overrides)}
+  assert bench.check_settings(str(tmp_path), settings)["overrides"] == {
+      "eval.rewards": ["shapes_gold", "shapes_aesthetic"], "prompts": "/data/my prompts.txt",
+      "sample.num_steps": 5, "train.learning_rate": 0.01}
+  args = bench.parse_args(["--out", str(tmp_path), "--epochs", "5"] + flags[1:])
+  with pytest.raises(SystemExit, match="holds overrides"):
+    bench.check_settings(str(tmp_path), {"preset": "aesthetic", "epochs": 5, "overrides":
+                                         bench.normalised_overrides(args.overrides)})
+
+
 def test_reduced_benchmark_end_to_end(tmp_path, capsys):
   bench = _benchmark()
   out, results = tmp_path / "out", tmp_path / "results"
   args = ["--out", str(out), "--results", str(results), "--algorithms", "ddpo,tdpo_r",
           "--seeds", "0", "--epochs", "2"]
-  for item in REDUCED:
-    args += ["--set", item]
+  for key, value in REDUCED.items():
+    args.append(f"--config.{key}={value}")
   bench.main(args)
   printed = capsys.readouterr().out
   assert "run 1/2: ddpo seed 0 (from scratch)" in printed
   assert "run 2/2: tdpo_r seed 0 (from scratch)" in printed
   assert sorted(os.listdir(out)) == ["runs"]  # everything else goes to --results
   assert json.loads((results / "settings.json").read_text()) == {
-      "preset": "aesthetic", "epochs": 2, "set": REDUCED}
+      "preset": "aesthetic", "epochs": 2, "overrides": dict(sorted(REDUCED.items()))}
   assert sorted(os.listdir(results / "rows")) == ["ddpo_seed0.csv", "tdpo_r_seed0.csv"]
   with open(results / "overoptimization.csv") as file:
     reader = csv.DictReader(file)
@@ -269,8 +307,8 @@ def test_reduced_benchmark_end_to_end(tmp_path, capsys):
   assert stamps == {name: os.path.getmtime(results / "rows" / name) for name in stamps}
   assert (results / "table.md").read_text() == table  # regenerated from the same rows
 
-  # Another --set list on the same results: refused before anything runs.
-  with pytest.raises(SystemExit, match="holds --set") as error:
-    bench.main(args + ["--set", "train.learning_rate=0.01"])
+  # Other overrides on the same results: refused before anything runs.
+  with pytest.raises(SystemExit, match="holds overrides") as error:
+    bench.main(args + ["--config.train.learning_rate=0.01"])
   assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
   assert not out.exists()

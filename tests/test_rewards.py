@@ -115,7 +115,9 @@ def test_pickscore_matches_pytorch(torch_clip):
       "pickscore", {"pickscore": {"model": directory, "processor": ""}})
   images = _images()
   scores = reward_fn(images, PROMPTS)
-  assert isinstance(scores, jax.Array) and scores.shape == (2,)
+  # A model reward: jittable math the trainer scores on the mesh (kernels.reward_scorer).
+  assert isinstance(reward_fn, rewards.DeviceReward)
+  assert scores.shape == (2,) and scores.dtype == np.float32
   image, text, _ = _torch_features(torch_clip, images, PROMPTS)
   reference = np.exp(2.0) * np.sum(image * text, axis=-1)
   assert _relative_error(scores, reference) < TOLERANCE
@@ -374,7 +376,9 @@ def test_aesthetic_matches_pytorch(torch_clip, aesthetic_files):
   # Not bias-dominated: the two images' scores differ by far more than the parity bound, so a
   # wrong embedding could not pass it.
   assert abs(reference[0] - reference[1]) > 100 * TOLERANCE * np.abs(reference).max()
-  assert isinstance(scores, jax.Array) and scores.shape == (2,)
+  # A model reward: jittable math the trainer scores on the mesh (kernels.reward_scorer).
+  assert isinstance(reward_fn, rewards.DeviceReward)
+  assert scores.shape == (2,) and scores.dtype == np.float32
   assert _relative_error(scores, reference) < TOLERANCE
 
 

@@ -79,6 +79,8 @@ def test_grey_blobs_have_no_colour():
 
 def test_gold_is_registered_as_a_reward():
   from tdpo_jax import rewards  # pylint: disable=import-outside-toplevel
+  from tdpo_jax.shapes import rewards as shapes_rewards  # pylint: disable=import-outside-toplevel
+  assert "shapes_gold" in shapes_rewards.FUNCTION_REWARDS  # importing it registers them
   reward_fn = rewards.make_reward_fn("shapes_gold", None)
   images, prompts = world.batch(0, 2, 3)
   np.testing.assert_allclose(reward_fn(images / 255.0, prompts),
@@ -87,6 +89,7 @@ def test_gold_is_registered_as_a_reward():
 
 def test_gold_terms_are_registered_rewards():
   from tdpo_jax import rewards  # pylint: disable=import-outside-toplevel
+  rewards.import_reward_modules(["tdpo_jax.shapes.rewards"])  # as an entry point does
   images, prompts = world.batch(0, 2, 3)
   images = images / 255.0
   fidelity = rewards.make_reward_fn("shapes_gold_fidelity", None)(images, prompts)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import transformers
 
-from tdpo_jax import config_overrides
 from tdpo_jax import ddim
 from tdpo_jax import rollout as rollout_lib
+from tdpo_jax.configs import shapes as shapes_config
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.shapes import model as model_lib
 from tdpo_jax.shapes import pretrain
@@ -20,7 +20,7 @@ from tests import helpers
 
 def _tiny_spec():
   """configs/shapes.py's spec, shrunk for test speed (same component classes and layout)."""
-  spec = pretrain.load_config_module().shapes_model_spec()
+  spec = shapes_config.shapes_model_spec()
   spec.vae.update(block_out_channels=(8, 8, 8), norm_num_groups=4)
   spec.unet.update(block_out_channels=(32, 32), cross_attention_dim=32, attention_head_dim=2,
                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -31,7 +31,7 @@ def _tiny_spec():
 
 
 def _small_pretrain_config(**overrides):
-  config = pretrain.load_config_module().pretrain_config()
+  config = shapes_config.pretrain_config()
   config.vae.update(steps=2, batch_size=4, scaling_images=8, warmup_steps=1)
   config.unet.update(warmup_steps=1, learning_rate=1e-3)
   config.update(log_every=1, checkpoint_every=1)
@@ -136,25 +136,25 @@ def test_unet_step_fits_a_fixed_batch(tmp_path):
       leaf(state["params"]) - leaf(trainable)).max()
 
 
-def test_config_override_errors(tmp_path):
-  config = pretrain.load_config_module().pretrain_config()
-  config_overrides.apply(config, "unet.dataset_size=128", allow_strings=False)
-  assert config.unet.dataset_size == 128
-  for bad, message in (("unet.nope=1", "no config entry 'unet.nope'"),
-                       ("nope.steps=1", "no config entry 'nope.steps'"),
-                       ("unet.dataset_size", "expected KEY=VALUE"),
-                       ("unet.dataset_size=abc(", "'abc\\(' is not a Python literal"),
-                       ("unet.dataset_size='abc'", "unet.dataset_size='abc'")):
-    with pytest.raises(ValueError, match=message):
-      config_overrides.apply(config, bad, allow_strings=False)
-  assert config.unet.dataset_size == 128
-  # Strings are allowed where asked for (the benchmark's prompt files), type-checked all the same.
-  rl_config = helpers.load_config("shapes")
-  config_overrides.apply(rl_config, "prompts=/data/my prompts.txt")
-  assert rl_config.prompts == "/data/my prompts.txt"
-  with pytest.raises(ValueError, match="sample.num_steps=ten"):
-    config_overrides.apply(rl_config, "sample.num_steps=ten")
-  # The pre-training CLI turns the error into one line before touching the workdir.
-  with pytest.raises(SystemExit, match="bad --set 'unet.nope=1': no config entry"):
-    pretrain.main(["--workdir", str(tmp_path / "w"), "--set", "unet.nope=1"])
+def test_command_line_errors_are_one_line(tmp_path):
+  """The pre-training CLI (config flags, as `python -m tdpo_jax.main`) turns a bad override or
+  flag into one line before touching the workdir; every stage declares its optimizer entries."""
+  workdir = str(tmp_path / "w")
+  for argv, message in (
+      (["--config.unet.nope=1"], "unknown config key in --config.unet.nope"),
+      (["--config.nope.steps=1"], "unknown config key in --config.nope.steps"),
+      (["--config.unet.dataset_size=abc"], "--config.unet.dataset_size=abc: invalid literal"),
+      (["--set", "unet.dataset_size=1"], "Unknown command line flag 'set'"),
+      (["--steps=-1"], "--steps=-1"),
+      (["--stage=both"], "--stage"),
+      ([f"--config={helpers.REPO}/configs/shapes_pretrain.py:x"], "takes no argument")):
+    with pytest.raises(SystemExit, match=message) as error:
+      pretrain.main([f"--workdir={workdir}"] + argv)
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
   assert not (tmp_path / "w").exists()
+  values, _ = pretrain.cli.parse([f"--workdir={workdir}", "--config.unet.dataset_size=128",
+                                  "--config.vae.grad_clip=0.5"], pretrain.define_flags)
+  config = values["config"].value
+  assert config.unet.dataset_size == 128 and config.vae.grad_clip == 0.5
+  for stage in (config.vae, config.unet):
+    assert {"grad_clip", "weight_decay"} <= set(stage.keys())

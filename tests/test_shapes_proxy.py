@@ -6,6 +6,7 @@ from tdpo_jax import rewards
 from tdpo_jax.models import convert
 from tdpo_jax.shapes import gold
 from tdpo_jax.shapes import proxy
+from tdpo_jax.shapes import rewards as shapes_rewards  # noqa: F401  (registers shapes_proxy)
 from tdpo_jax.shapes import world
 
 

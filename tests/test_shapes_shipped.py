@@ -16,6 +16,7 @@ import pytest
 from tdpo_jax.models import convert
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax import critic_tower
+from tdpo_jax.configs import shapes as shapes_config
 from tdpo_jax import rewards
 from tdpo_jax.shapes import aesthetic
 from tdpo_jax.shapes import gold
@@ -35,7 +36,7 @@ FLOOR = {"colour": 0.7, "shape": 0.6, "count": 0.7}
 def shipped():
   config = helpers.load_config("shapes")
   pipeline = pipeline_lib.load_pipeline(config.pretrained.model)
-  eval_config = pretrain.load_config_module().pretrain_config().eval
+  eval_config = shapes_config.pretrain_config().eval
   eval_config.num_samples = NUM_SAMPLES
   return config, pipeline, eval_config
 
@@ -52,7 +53,7 @@ def test_shipped_model_follows_prompts(shipped):
   assert os.path.getsize(os.path.join(config.pretrained.model, "unet",
                                       "diffusion_flax_model.msgpack")) < 20e6
   trained = _rates(pipeline, pipeline.unet_params, pipeline.text_encoder_params, eval_config)
-  spec = pretrain.load_config_module().shapes_model_spec()
+  spec = shapes_config.shapes_model_spec()
   untrained_params = model_lib.init_params(spec, seed=0)
   untrained = _rates(pipeline, untrained_params["unet"], untrained_params["text_encoder"],
                      eval_config)
@@ -90,6 +91,7 @@ def test_shipped_aesthetic_reward_tracks_gold_quality_and_ignores_the_prompt():
   images, labels = aesthetic.labelled_set(seed=777, size=16)
   np.testing.assert_allclose(labels, [gold.score(image, "a red circle")["quality"]
                                       for image in images], rtol=1e-6)
+  rewards.import_reward_modules(config.reward_modules)  # registers the shapes rewards
   reward_fn = rewards.make_reward_fn("shapes_aesthetic", config.rewards)
   scores = reward_fn(images, ["a red circle"] * 16)
   np.testing.assert_array_equal(scores, reward_fn(images, ["two blue squares"] * 16))

@@ -149,9 +149,9 @@ def _sharded_run(config, batch=None):
   if batch is None:
     batch = _first_train_batch(trainer, state, frozen, trajectory, prompt_index)
   trajectory = jax.tree.map(np.asarray, trajectory)
-  placed = jax.device_put(batch, trainer.transition_sharding)
+  placed = jax.device_put(batch, trainer.kernels.shardings.transition)
   rng = jax.device_put(jax.random.key(3), sharding.replicated(trainer.mesh))
-  state, metrics = trainer.jit_train_step(state, frozen, placed, rng)
+  state, metrics = trainer.kernels.train_step(state, frozen, placed, rng)
   return trainer, trajectory, batch, jax.device_get(state), jax.device_get(metrics)
 
 
@@ -195,8 +195,8 @@ def test_sharded_rollout_and_train_step_equal_one_device(one_device, data, fsdp)
   trainer, trajectory, _, state, metrics = _sharded_run(config, batch)
   assert dict(trainer.mesh.shape) == {"data": data, "fsdp": fsdp}
   # The kernels really ran sharded: batches over the 8 batch devices, kernels over fsdp.
-  assert trainer.transition_sharding.num_devices == 8
-  specs = [s.spec for s in jax.tree.leaves(trainer.frozen_shardings.unet)]
+  assert trainer.kernels.shardings.transition.num_devices == 8
+  specs = [s.spec for s in jax.tree.leaves(trainer.kernels.shardings.frozen.unet)]
   assert any("fsdp" in spec for spec in specs) == (fsdp > 1)
   _assert_close(trajectory, trajectory_1, "trajectory")
   assert metrics.keys() == metrics_1.keys()

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tdpo_jax import config_checks
 from tdpo_jax import metrics_writer
 from tdpo_jax import rewards
 from tdpo_jax import train
@@ -43,7 +44,7 @@ def test_first_microbatch_ratio_is_one(cache_dir):
   frozen, state = trainer.frozen_params(), trainer.init_state()
   batches = _prepare(trainer, state, frozen)
   first = jax.tree.map(lambda x: x[0], batches)
-  _, metrics = jax.jit(trainer.train_step_fn)(state, frozen, first, jax.random.key(0))
+  _, metrics = jax.jit(trainer.kernels.train_step_fn)(state, frozen, first, jax.random.key(0))
   assert abs(float(metrics["policy/ratio"]) - 1.0) < 1e-5
   assert float(metrics["policy/clipfrac"]) == 0.0
   assert abs(float(metrics["policy/approx_kl"])) < 1e-10
@@ -58,7 +59,7 @@ def test_gradient_accumulation_equals_concatenated_batch(cache_dir):
   accumulated = jax.tree.map(lambda x: x[0], batches)            # (k, M, ...)
   k, m = accumulated.latents.shape[:2]
   concatenated = jax.tree.map(lambda x: x.reshape((1, k * m) + x.shape[2:]), accumulated)
-  step = jax.jit(trainer.train_step_fn)
+  step = jax.jit(trainer.kernels.train_step_fn)
   state_a, metrics_a = step(state, frozen, accumulated, jax.random.key(0))
   state_b, metrics_b = step(state, frozen, concatenated, jax.random.key(0))
   assert k > 1
@@ -176,20 +177,6 @@ def test_summary_line_shows_eval_means_on_eval_epochs():
   assert " | value loss 0.2500 ev +0.062 late +0.500 | " in train.summary_line(metrics)
 
 
-def test_explained_variance_metrics_per_state_and_late():
-  # T = 4 states; the critic is exact at the last two states only and 0 before.
-  returns = np.tile(np.array([[1.0], [-1.0], [3.0], [-3.0]], np.float32), (1, 4))
-  values = np.concatenate([np.zeros((4, 2), np.float32), returns[:, 2:]], axis=1)
-  steps = np.broadcast_to(np.arange(4), (4, 4))
-  metrics = jax.device_get(train.explained_variance_metrics(values, returns, steps, 4, 0.5))
-  np.testing.assert_allclose([metrics[f"critic/explained_variance/k{k:02d}"] for k in range(4)],
-                             [0.0, 0.0, 1.0, 1.0], atol=1e-6)
-  np.testing.assert_allclose(metrics["critic/explained_variance/late"], 1.0, atol=1e-6)
-  np.testing.assert_allclose(metrics["critic/explained_variance"], 0.5, atol=1e-6)
-  assert train.late_states(10, 0.3) == 7 and train.late_states(10, 0.01) == 9
-  assert train.late_states(4, 1.0) == 0
-
-
 def test_grpo_samples_groups_and_standardises_within_them(cache_dir):
   config = helpers.tiny_config(cache_dir, algorithm="grpo", **{"sample.group_size": 2})
   trainer = train.Trainer(config)
@@ -199,8 +186,8 @@ def test_grpo_samples_groups_and_standardises_within_them(cache_dir):
   assert (groups[:, 0] == groups[:, 1]).all()  # consecutive pairs share a prompt
   reward = rewards.make_reward_fn(config.reward)(
       np.asarray(trajectory.images), [trainer.prompts[i] for i in prompt_index])
-  _, batches, _, _ = trainer.jit_prepare(state, frozen, trajectory, prompt_index,
-                                         np.asarray(reward, np.float32), np.int32(0))
+  _, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, prompt_index,
+                                             np.asarray(reward, np.float32))
   # Each pair's rewards become -+1 (group std of two values is half their gap), then every
   # (sample, step) entry is standardised: the advantages are -+1 / std(-+1) = -+1 up to eps.
   pair = np.asarray(reward).reshape(-1, 2)
@@ -209,7 +196,7 @@ def test_grpo_samples_groups_and_standardises_within_them(cache_dir):
   np.testing.assert_allclose(np.sort(np.asarray(batches.advantages).reshape(-1)),
                              np.sort(expected), atol=1e-4)
   with pytest.raises(ValueError, match="sample.group_size=0 must be >= 2"):
-    train.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo"))
+    config_checks.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo"))
   with pytest.raises(ValueError, match="sample.group_size=3 does not divide the 8 samples"):
-    train.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo",
-                                              **{"sample.group_size": 3}))
+    config_checks.validate_config(helpers.tiny_config(cache_dir, algorithm="grpo",
+                                                      **{"sample.group_size": 3}))

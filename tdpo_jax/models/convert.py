@@ -19,6 +19,9 @@ import jax
 import numpy as np
 import safetensors.numpy
 
+# A transformers model directory's weight files (text_encoder/, image_encoder/, a CLIP model), in
+# the order a loader tries them.
+TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors")
 # Flax leaf name -> PyTorch leaf name.
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 # The top-level Flax scopes of the CLIP towers, which PyTorch keys may omit (see

@@ -24,6 +24,8 @@ import flax.traverse_util
 import jax
 import numpy as np
 
+# A diffusers component's weight files (unet/, vae/), in the order a loader tries them.
+DIFFUSERS_WEIGHTS = ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors")
 # Flax leaf name -> PyTorch leaf name.
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 # PyTorch module names that really end in `_<digit>` (not a list index).

@@ -38,8 +38,8 @@ from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import unet as unet_lib
 from tdpo_jax.models import vae as vae_lib
 
-DIFFUSERS_WEIGHTS = ("diffusion_flax_model.msgpack", "diffusion_pytorch_model.safetensors")
-TRANSFORMERS_WEIGHTS = ("flax_model.msgpack", "model.safetensors")
+DIFFUSERS_WEIGHTS = diffusers_weights.DIFFUSERS_WEIGHTS
+TRANSFORMERS_WEIGHTS = convert.TRANSFORMERS_WEIGHTS
 CONVERTED_NAME = "flax_converted.msgpack"
 REQUIRED_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -100,7 +100,9 @@ def _resolve_tiny(spec, cache_dir, tiny_spec):
   directory = os.path.join(root, f"tiny-seed{seed}-{_spec_hash(tiny_spec)}")
   if os.path.isfile(os.path.join(directory, "model_index.json")):
     return directory
-  from tdpo_jax.models import tiny  # noqa: PLC0415  (tiny imports this module)
+  # Imported here, not at the top: `models/__init__` imports this module, and a tiny imported
+  # with the package would already be in sys.modules when run as `python -m tdpo_jax.models.tiny`.
+  from tdpo_jax.models import tiny  # noqa: PLC0415
   os.makedirs(root, exist_ok=True)
   temp_dir = tempfile.mkdtemp(dir=root, prefix=".tmp-tiny-")
   try:

@@ -9,10 +9,10 @@ them. The same
 weights are written as Flax msgpack and as PyTorch-named safetensors
 (`diffusers_weights.flax_to_pytorch` for the UNet/VAE, `convert.flax_to_pytorch` for CLIP).
 
-CLI: `python -m tdpo_jax.models.tiny --out=DIR --seed=0 [--config=configs/tiny.py]`.
+CLI: `python -m tdpo_jax.models.tiny --out=DIR --seed=0 [--config=configs/tiny.py]
+[--config.pretrained.tiny.unet.block_out_channels='(32, 64)' ...]`: the spec is the config's
+`pretrained.tiny` (config flags, as `python -m tdpo_jax.main`).
 """
-import argparse
-import importlib.util
 import json
 import logging
 import os
@@ -23,10 +23,10 @@ import jax
 import numpy as np
 import transformers
 
+from tdpo_jax.models import clip
 from tdpo_jax.models import convert
 from tdpo_jax.models import diffusers_weights
 from tdpo_jax.models import image_encoder as image_encoder_lib
-from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import unet as unet_lib
 from tdpo_jax.models import vae as vae_lib
 
@@ -150,7 +150,7 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
     _write_json(os.path.join(directory, "config.json"),
                 dict(config, _class_name=torch_class, _diffusers_version=version))
     _write_weights(directory, params, diffusers_weights.flax_to_pytorch,
-                   pipeline_lib.DIFFUSERS_WEIGHTS, formats)
+                   diffusers_weights.DIFFUSERS_WEIGHTS, formats)
 
   # Text encoder (transformers CLIPTextModel).
   text_config = transformers.CLIPTextConfig(
@@ -160,10 +160,10 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   directory = os.path.join(out_dir, "text_encoder")
   os.makedirs(directory, exist_ok=True)
   text_config.to_json_file(os.path.join(directory, "config.json"))
-  text_module = pipeline_lib.text_encoder_module(text_config)
-  text_params = _random_params(pipeline_lib.text_encoder_init_fn(text_module),
+  text_module = clip.ClipTextModel(clip.text_config(text_config))
+  text_params = _random_params(lambda rng: clip.init_text_params(text_module, rng),
                                component_rng("text_encoder"))
-  _write_weights(directory, text_params, _clip_to_pytorch, pipeline_lib.TRANSFORMERS_WEIGHTS,
+  _write_weights(directory, text_params, _clip_to_pytorch, convert.TRANSFORMERS_WEIGHTS,
                  formats)
 
   # Image encoder (transformers CLIPVisionModelWithProjection) + CLIPImageProcessor config.
@@ -175,7 +175,7 @@ def build_tiny_pipeline(out_dir, spec, seed=0, formats=_FORMATS):
   size = vision_config.image_size
   encoder = image_encoder_lib.ImageEncoder(config=vision_config, resize_size=size, crop_size=size)
   encoder_params = _random_params(encoder.init_weights, component_rng("image_encoder"))
-  _write_weights(directory, encoder_params, _clip_to_pytorch, pipeline_lib.TRANSFORMERS_WEIGHTS,
+  _write_weights(directory, encoder_params, _clip_to_pytorch, convert.TRANSFORMERS_WEIGHTS,
                  formats)
   write_image_processor_config(directory, size)
 
@@ -208,29 +208,35 @@ def write_scheduler_and_index(out_dir, scheduler_spec, version):
       "requires_safety_checker": False})
 
 
-def _load_spec(config_path):
-  """`tiny_model_spec()` of a config file loaded by path (configs/tiny.py)."""
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"config file not found: {config_path!r}; expected a path to "
-                            "configs/tiny.py or a file defining tiny_model_spec()")
-  module_spec = importlib.util.spec_from_file_location("tdpo_tiny_config", config_path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.tiny_model_spec()
+# The default --config of the CLI (what configs/tiny.py re-exports).
+CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "tiny.py")
+
+
+def define_flags(flag_values, argv):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.define_config(flag_values, argv, CONFIG_PATH,
+                    "A config whose pretrained.tiny is the spec (default: configs/tiny.py).")
+  flags.DEFINE_string("out", None, "Output directory.", flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "Weights seed.", flag_values=flag_values)
+  flags.DEFINE_list("formats", list(_FORMATS), "Comma-separated subset of safetensors,flax.",
+                    flag_values=flag_values)
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", required=True, help="output directory")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--config", default=os.path.join("configs", "tiny.py"),
-                      help="file defining tiny_model_spec()")
-  parser.add_argument("--formats", default=",".join(_FORMATS),
-                      help="comma-separated subset of safetensors,flax")
-  args = parser.parse_args(argv)
-  build_tiny_pipeline(args.out, _load_spec(args.config), seed=args.seed,
-                      formats=tuple(name for name in args.formats.split(",") if name))
-  logging.info("wrote tiny pipeline (seed %d) to %s", args.seed, args.out)
+  """`argv`: the arguments without the program name (None: sys.argv[1:])."""
+  from tdpo_jax import cli  # pylint: disable=g-import-not-at-top
+  values, positional = cli.parse(argv, define_flags, "python -m tdpo_jax.models.tiny")
+  if positional or not values["out"].value:
+    raise SystemExit("error: expected --out=DIR (and optionally --seed, --config, --formats)")
+  spec = values["config"].value.pretrained.tiny
+  if spec is None:
+    raise SystemExit(f"error: {values['config'].config_filename}: pretrained.tiny is None; "
+                     "expected a config with a tiny spec (configs/tiny.py)")
+  build_tiny_pipeline(values["out"].value, spec, seed=values["seed"].value,
+                      formats=tuple(name for name in values["formats"].value if name))
+  logging.info("wrote tiny pipeline (seed %d) to %s", values["seed"].value, values["out"].value)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ import numpy as np
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import clip_model
-from tdpo_jax.rewards import convert as reward_convert
+from tdpo_jax.rewards import registry
+from tdpo_jax.rewards import state_dicts
 
 # (PyTorch nn.Sequential index, output width) of the Linear layers.
 MLP_LAYERS = ((0, 1024), (2, 128), (4, 64), (6, 16), (7, 1))
@@ -56,7 +57,7 @@ def mlp_pytorch_shapes(input_dim):
 
 def mlp_pytorch_to_flax(state_dict, input_dim, source):
   """{"layers.i.weight": (out, in), ...} -> AestheticMLP params; names the first bad key."""
-  reward_convert.check_state_dict(state_dict, mlp_pytorch_shapes(input_dim), source, ARCHITECTURE)
+  state_dicts.check_state_dict(state_dict, mlp_pytorch_shapes(input_dim), source, ARCHITECTURE)
   params = {}
   for index, _ in MLP_LAYERS:
     params[(f"layers_{index}", "kernel")] = np.asarray(
@@ -67,7 +68,7 @@ def mlp_pytorch_to_flax(state_dict, input_dim, source):
 
 def load_mlp(path, input_dim):
   """AestheticMLP params (jnp float32) from the converted safetensors file."""
-  state_dict = reward_convert.load_converted(path, "aesthetic", "aesthetic MLP")
+  state_dict = state_dicts.load_converted(path, "aesthetic", "aesthetic MLP")
   params = mlp_pytorch_to_flax(state_dict, input_dim, path)
   return jax.tree.map(jnp.asarray, params)
 
@@ -117,14 +118,8 @@ def score(model, params, images):
 
 
 def reward_fn_from_model(model, params):
-  """`reward_fn(images, prompts) -> (B,)` running the jitted `score` (prompts unused)."""
-  jit_score = jax.jit(functools.partial(score, model))
-
-  def reward_fn(images, prompts=None):
-    del prompts
-    return jit_score(params, jnp.asarray(images, jnp.float32))
-
-  return reward_fn
+  """The `registry.DeviceReward` of `score` (image-only: the prompts are unused)."""
+  return registry.DeviceReward(functools.partial(score, model), params)
 
 
 def make_reward_fn(clip, mlp, cache_dir=""):

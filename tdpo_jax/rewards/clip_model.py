@@ -33,7 +33,8 @@ from tdpo_jax.models import clip
 from tdpo_jax.models import convert as model_convert
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
-from tdpo_jax.rewards import convert as reward_convert
+from tdpo_jax.rewards import registry
+from tdpo_jax.rewards import state_dicts
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,8 +117,8 @@ def pytorch_to_flax(state_dict, module, source):
   is missing or has another shape; extra keys (e.g. `position_ids` buffers) are ignored.
   """
   shapes = expected_shapes(module)
-  reward_convert.check_state_dict(
-      state_dict, reward_convert.pytorch_shapes(shapes), source, "a transformers CLIPModel")
+  state_dicts.check_state_dict(
+      state_dict, state_dicts.pytorch_shapes(shapes), source, "a transformers CLIPModel")
   return model_convert.clip_pytorch_to_flax(state_dict, shapes, source)
 
 
@@ -201,14 +202,7 @@ def text_features(model, params, input_ids):
 
 
 def clip_reward_fn(model, params, score_fn):
-  """`reward_fn(images, prompts) -> (B,)`: host tokenisation, then the jitted `score_fn`."""
-  jit_score = jax.jit(functools.partial(score_fn, model))
-
-  def reward_fn(images, prompts):
-    if len(prompts) != images.shape[0]:
-      raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; expected one "
-                       "prompt per image")
-    input_ids = tokenize(model, prompts)
-    return jit_score(params, jnp.asarray(images, jnp.float32), input_ids)
-
-  return reward_fn
+  """The `registry.DeviceReward` of `score_fn(model, params, images, input_ids)`: host
+  tokenisation (`tokenize`), then the jitted score."""
+  return registry.DeviceReward(functools.partial(score_fn, model), params,
+                               encode_prompts=lambda prompts: (tokenize(model, prompts),))

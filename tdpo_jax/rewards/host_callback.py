@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from tdpo_jax.rewards import jpeg
+from tdpo_jax.rewards import registry
 
 IMAGE_FORMATS = ("pil", "uint8")
 
@@ -74,9 +75,8 @@ def host_reward_fn(fn, name, image_format="pil"):
 
 def register_host_reward(name, fn, image_format="pil"):
   """Registers `host_reward_fn(fn, name, image_format)` under `name`; returns the reward_fn."""
-  from tdpo_jax import rewards  # noqa: PLC0415  (the registry package imports this module)
   reward_fn = host_reward_fn(fn, name, image_format)
-  rewards.register(name, reward_fn)
+  registry.register(name, reward_fn)
   return reward_fn
 
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from tdpo_jax.rewards import clip_model
-from tdpo_jax.rewards import convert as reward_convert
 from tdpo_jax.rewards import open_clip_keys
+from tdpo_jax.rewards import state_dicts
 
 ARCHITECTURE = "an open_clip CLIP (HPSv2)"
 
@@ -30,7 +30,7 @@ ARCHITECTURE = "an open_clip CLIP (HPSv2)"
 def open_clip_to_flax(state_dict, module, source):
   """open_clip state dict -> `clip.ClipModel` params (NumPy float32); names the first bad key."""
   config = module.config
-  reward_convert.check_state_dict(state_dict, open_clip_keys.expected_open_clip_shapes(config),
+  state_dicts.check_state_dict(state_dict, open_clip_keys.expected_open_clip_shapes(config),
                                   source, ARCHITECTURE)
   transformers_state_dict = open_clip_keys.open_clip_to_transformers(state_dict, config)
   return clip_model.pytorch_to_flax(transformers_state_dict, module, source)
@@ -38,7 +38,7 @@ def open_clip_to_flax(state_dict, module, source):
 
 def load(checkpoint, clip_config):
   """(ClipModel, params) from the converted HPSv2 safetensors and a CLIP config directory."""
-  state_dict = reward_convert.load_converted(checkpoint, "hpsv2", "hpsv2 checkpoint")
+  state_dict = state_dicts.load_converted(checkpoint, "hpsv2", "hpsv2 checkpoint")
   model = clip_model.make_clip_model(clip_model.read_clip_config(clip_config), clip_config)
   params = open_clip_to_flax(state_dict, model.module, checkpoint)
   return model, jax.tree.map(jnp.asarray, params)

@@ -44,7 +44,8 @@ import transformers
 from tdpo_jax.models import image_encoder as image_encoder_lib
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.rewards import blip
-from tdpo_jax.rewards import convert as reward_convert
+from tdpo_jax.rewards import registry
+from tdpo_jax.rewards import state_dicts
 
 # The published ImageReward-v1.0 (ImageReward.py: `self.mean`, `self.std`, tokenizer max_length).
 SCORE_MEAN = 0.16717362830052426
@@ -193,7 +194,7 @@ def expected_shapes(config):
 
 
 def _pytorch_shapes(flax_shapes):
-  return {blip.pytorch_key(path): reward_convert.pytorch_shape(path, struct.shape)
+  return {blip.pytorch_key(path): state_dicts.pytorch_shape(path, struct.shape)
           for path, struct in flax_shapes.items()}
 
 
@@ -213,7 +214,7 @@ def pytorch_to_flax(state_dict, config, source):
   extra keys (`blip.vision_proj`, buffers) are ignored.
   """
   shapes = expected_shapes(config)
-  reward_convert.check_state_dict(state_dict, _pytorch_shapes(shapes), source, ARCHITECTURE)
+  state_dicts.check_state_dict(state_dict, _pytorch_shapes(shapes), source, ARCHITECTURE)
   return flax.traverse_util.unflatten_dict({
       path: blip.pytorch_to_flax_leaf(path, state_dict[blip.pytorch_key(path)])
       for path in shapes})
@@ -268,7 +269,7 @@ def checkpoint_subset(state_dict, source):
   (`infer_config`), each present with its shape (else a one-line error naming the first bad
   key); returns just those entries."""
   expected = expected_pytorch_shapes(infer_config(state_dict, source))
-  reward_convert.check_state_dict(state_dict, expected, source, ARCHITECTURE)
+  state_dicts.check_state_dict(state_dict, expected, source, ARCHITECTURE)
   return {key: state_dict[key] for key in expected}
 
 
@@ -315,7 +316,7 @@ def load(checkpoint, tokenizer, architecture=PUBLISHED, dtype="float32"):
     (ImageRewardModel, params) with float32 jnp params.
   """
   config = architecture_from(architecture)
-  state_dict = reward_convert.load_converted(checkpoint, KIND, "ImageReward checkpoint")
+  state_dict = state_dicts.load_converted(checkpoint, KIND, "ImageReward checkpoint")
   params = pytorch_to_flax(state_dict, config, checkpoint)
   if not os.path.isdir(tokenizer):
     raise pipeline_lib.ModelLoadError(f"ImageReward tokenizer directory not found: "
@@ -366,18 +367,10 @@ def score(model, params, images, input_ids, attention_mask):
 
 
 def reward_fn_from_model(model, params):
-  """`reward_fn(images, prompts) -> (B,)`: host tokenisation, then the jitted `score`."""
-  jit_score = jax.jit(functools.partial(score, model))
-
-  def reward_fn(images, prompts):
-    prompts = list(prompts)
-    if len(prompts) != images.shape[0]:
-      raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images; expected one "
-                       "prompt per image")
-    input_ids, attention_mask = tokenize(model, prompts)
-    return jit_score(params, jnp.asarray(images, jnp.float32), input_ids, attention_mask)
-
-  return reward_fn
+  """The `registry.DeviceReward` of `score`: host tokenisation (`tokenize`: ids and mask), then
+  the jitted score."""
+  return registry.DeviceReward(functools.partial(score, model), params,
+                               encode_prompts=lambda prompts: tokenize(model, prompts))
 
 
 def make_reward_fn(checkpoint, tokenizer, architecture=PUBLISHED, dtype="float32", cache_dir=""):

@@ -20,7 +20,7 @@ prompt-conditioned proxy here) is what shows that.
 `e(x)` is also the tower TDPO-R's critic reads with `config.critic.tower = "shapes_aesthetic"`,
 as the paper's critic reads the aesthetic predictor's CLIP tower (`make_tower`).
 
-  python -m tdpo_jax.shapes.aesthetic --out aesthetic.msgpack [--examples 3000 --steps 3000]
+  python -m tdpo_jax.shapes.aesthetic --out=aesthetic.msgpack [--examples=3000 --steps=3000]
 """
 import logging
 import time
@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tdpo_jax.models import convert
+from tdpo_jax.rewards import registry
 from tdpo_jax.shapes import gold
 from tdpo_jax.shapes import proxy
 from tdpo_jax.shapes import world
@@ -105,13 +106,8 @@ def make_reward_fn(weights, cache_dir=""):
   """`reward_fn(images (B, S, S, 3) in [0, 1], prompts) -> (B,)`; the prompts are ignored."""
   del cache_dir
   params = load_params(weights)
-  apply = jax.jit(lambda p, x: AestheticNet().apply({"params": p}, x))
-
-  def reward_fn(images, prompts):
-    del prompts  # an image-only reward, as the LAION aesthetic predictor
-    return np.asarray(apply(params, jnp.asarray(images, jnp.float32)), np.float32)
-
-  return reward_fn
+  # An image-only reward, as the LAION aesthetic predictor: no prompt inputs.
+  return registry.DeviceReward(lambda p, x: AestheticNet().apply({"params": p}, x), params)
 
 
 def make_tower(weights):
@@ -134,7 +130,7 @@ def held_out_correlation(weights, seed=1000, size=1000):
 
 
 def main(argv=None):
-  args = proxy.parse_fit_args(__doc__.splitlines()[0], DEFAULT_EXAMPLES, argv)
+  args = proxy.parse_fit_args("python -m tdpo_jax.shapes.aesthetic", DEFAULT_EXAMPLES, argv)
   start = time.time()
   params, loss = train(args.seed, args.examples, args.steps)
   convert.save_msgpack(params, args.out)

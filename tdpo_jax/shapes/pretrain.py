@@ -1,7 +1,12 @@
 """Pre-training of the shapes-world model on a CPU, resumable: VAE first, then UNet + text encoder.
 
-  python -m tdpo_jax.shapes.pretrain --workdir DIR [--stage vae|unet|all] [--steps N] [--batch B]
-  python -m tdpo_jax.shapes.pretrain --workdir DIR --export OUT_DIR [--export_weights ema|params]
+  python -m tdpo_jax.shapes.pretrain --workdir=DIR [--stage=vae|unet|all] [--steps=N] [--batch=B]
+      [--config=configs/shapes_pretrain.py] [--config.unet.dataset_size=256 ...]
+  python -m tdpo_jax.shapes.pretrain --workdir=DIR --export=OUT_DIR [--export_weights=ema|params]
+
+The settings are `tdpo_jax/configs/shapes.py` `pretrain_config()` (the default `--config`,
+`configs/shapes_pretrain.py`), overridable entry by entry with `--config.KEY=VALUE`; the
+architecture is its `shapes_model_spec()`.
 
 Shape legend: B batch, images NHWC (B, 32, 32, 3) in [-1, 1] for the VAE, latents NCHW
 (B, 4, 8, 8) for the UNet, text ids (B, L).
@@ -21,9 +26,7 @@ and data depend only on (seed, step), so a resumed run continues the same stream
 samples of fixed prompts (`eval`); after each evaluation the EMA weights are also exported to
 `DIR/export` (a `load_pipeline` directory).
 """
-import argparse
 import functools
-import importlib.util
 import json
 import logging
 import os
@@ -31,6 +34,7 @@ import shutil
 import tempfile
 import time
 
+from absl import flags
 import flax.serialization
 import jax
 import jax.numpy as jnp
@@ -38,31 +42,23 @@ import ml_collections
 import numpy as np
 import optax
 
-from tdpo_jax import config_overrides
+from tdpo_jax import cli
 from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
 from tdpo_jax import rollout as rollout_lib
+from tdpo_jax.configs import shapes as shapes_config
 from tdpo_jax.models import pipeline as pipeline_lib
 from tdpo_jax.models import vae as vae_lib
 from tdpo_jax.shapes import model as model_lib
 from tdpo_jax.shapes import world
 
-CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "shapes.py")
+# The default --config (what configs/shapes_pretrain.py re-exports).
+CONFIG_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                           "shapes_pretrain.py")
 CHECKPOINT_NAME = "checkpoint.msgpack"
 STAGES = ("vae", "unet", "all")
 # fold_in streams of the root key.
 _STREAM_INIT, _STREAM_VAE, _STREAM_UNET, _STREAM_SCALE = 0, 1, 2, 3
-
-
-def load_config_module(path=CONFIG_PATH):
-  """configs/shapes.py as a module (configs are loaded by path, not as a package)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file not found: {path!r}; expected configs/shapes.py")
-  spec = importlib.util.spec_from_file_location("tdpo_shapes_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,8 +113,8 @@ def _optimizer(stage_config):
   else:
     raise ValueError(f"schedule={stage_config.schedule!r}; expected 'cosine' or 'constant'")
   return optax.chain(
-      optax.clip_by_global_norm(stage_config.get("grad_clip", 1.0)),
-      optax.adamw(schedule, weight_decay=stage_config.get("weight_decay", 0.0)))
+      optax.clip_by_global_norm(stage_config.grad_clip),
+      optax.adamw(schedule, weight_decay=stage_config.weight_decay))
 
 
 def to_signed(images):
@@ -354,7 +350,7 @@ def _load_finished_vae(workdir, config, spec):
   template = {"step": 0, "params": params, "opt_state": optimizer.init(params), "scale": 0.0}
   state = load_checkpoint(path, template)
   if state is None or not state["scale"]:
-    raise FileNotFoundError(f"no finished VAE checkpoint at {path!r}; run --stage vae first")
+    raise FileNotFoundError(f"no finished VAE checkpoint at {path!r}; run --stage=vae first")
   return state["params"], float(state["scale"])
 
 
@@ -483,7 +479,7 @@ def export(workdir, out_dir, config, spec, weights="ema"):
   template, init = _unet_template(config, spec, optimizer)
   state = load_checkpoint(_checkpoint_path(workdir, "unet"), template)
   if state is None:
-    raise FileNotFoundError(f"no UNet checkpoint in {workdir!r}; run --stage unet first")
+    raise FileNotFoundError(f"no UNet checkpoint in {workdir!r}; run --stage=unet first")
   params = dict(state[weights], vae=vae_params, image_encoder=init["image_encoder"])
   model_lib.export_pipeline(out_dir, spec, params, scale, fp16=config.export_fp16)
   size = sum(os.path.getsize(os.path.join(folder, name))
@@ -493,43 +489,46 @@ def export(workdir, out_dir, config, spec, weights="ema"):
   return size
 
 
+def define_flags(flag_values, argv):
+  cli.define_config(flag_values, argv, CONFIG_PATH,
+                    "The pre-training settings (default: configs/shapes_pretrain.py); "
+                    "--config.KEY=VALUE overrides an entry, e.g. --config.unet.dataset_size=256")
+  flags.DEFINE_string("workdir", None, "Checkpoints, metrics, samples and exports go here.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("stage", "all", STAGES, "Which stage(s) to train.", flag_values=flag_values)
+  flags.DEFINE_integer("steps", 0, "Total steps of the stage (0 = the config's); with --stage=all, "
+                       "the UNet's.", lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_integer("vae_steps", 0, "0 = the config's", lower_bound=0, flag_values=flag_values)
+  flags.DEFINE_integer("batch", 0, "Batch size (0 = the config's).", lower_bound=0,
+                       flag_values=flag_values)
+  flags.DEFINE_string("export", "", "Write the pipeline directory here and exit.",
+                      flag_values=flag_values)
+  flags.DEFINE_enum("export_weights", "ema", ("ema", "params"),
+                    "Which UNet / text-encoder weights --export writes.", flag_values=flag_values)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--stage", default="all", choices=STAGES)
-  parser.add_argument("--steps", type=int, default=0,
-                      help="total steps of the stage (0 = config); with --stage all, the UNet's")
-  parser.add_argument("--vae_steps", type=int, default=0, help="0 = config")
-  parser.add_argument("--batch", type=int, default=0, help="batch size (0 = config)")
-  parser.add_argument("--export", default="", help="write the pipeline directory here and exit")
-  parser.add_argument("--export_weights", default="ema", choices=("ema", "params"),
-                      help="which UNet / text-encoder weights --export writes")
-  parser.add_argument("--config", default=CONFIG_PATH)
-  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a pretrain_config() value, e.g. --set unet.dataset_size=256")
-  args = parser.parse_args(argv)
-  for name in ("steps", "vae_steps", "batch"):
-    if getattr(args, name) < 0:
-      parser.error(f"--{name}={getattr(args, name)}; expected >= 0")
-  module = load_config_module(args.config)
-  config, spec = module.pretrain_config(), module.shapes_model_spec()
-  for item in args.set:
-    try:
-      config_overrides.apply(config, item, allow_strings=False)
-    except ValueError as error:
-      raise SystemExit(f"bad {error}; KEY is a pretrain_config() entry, e.g. "
-                       "unet.dataset_size") from None
-  os.makedirs(args.workdir, exist_ok=True)
-  if args.export:
-    export(args.workdir, args.export, config, spec, args.export_weights)
+  """`argv`: the arguments without the program name (None: sys.argv[1:])."""
+  values, positional = cli.parse(argv, define_flags, "python -m tdpo_jax.shapes.pretrain")
+  if positional:
+    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  workdir = values["workdir"].value
+  if not workdir:
+    raise SystemExit("error: --workdir is required")
+  config, spec = values["config"].value, shapes_config.shapes_model_spec()
+  steps, vae_steps, batch = values["steps"].value, values["vae_steps"].value, values["batch"].value
+  stage = values["stage"].value
+  os.makedirs(workdir, exist_ok=True)
+  if values["export"].value:
+    export(workdir, values["export"].value, config, spec, values["export_weights"].value)
     return
-  log = _Log(args.workdir)
-  if args.stage in ("vae", "all"):
-    vae_steps = args.vae_steps or (args.steps if args.stage == "vae" else 0) or config.vae.steps
-    train_vae(args.workdir, config, spec, vae_steps, args.batch or config.vae.batch_size, log)
-  if args.stage in ("unet", "all"):
-    train_unet(args.workdir, config, spec, args.steps or config.unet.steps,
-               args.batch or config.unet.batch_size, log)
+  log = _Log(workdir)
+  if stage in ("vae", "all"):
+    vae_steps = vae_steps or (steps if stage == "vae" else 0) or config.vae.steps
+    train_vae(workdir, config, spec, vae_steps, batch or config.vae.batch_size, log)
+  if stage in ("unet", "all"):
+    train_unet(workdir, config, spec, steps or config.unet.steps, batch or config.unet.batch_size,
+               log)
 
 
 if __name__ == "__main__":

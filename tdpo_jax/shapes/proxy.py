@@ -8,11 +8,11 @@ blank) and pairs half of them with a prompt that differs in one attribute, label
 `gold.score`. Outside that distribution the proxy is unconstrained, which is what RL fine-tuning
 can exploit (reward overoptimization).
 
-  python -m tdpo_jax.shapes.proxy --out proxy.msgpack [--examples 4000 --steps 3000 --seed 0]
+  python -m tdpo_jax.shapes.proxy --out=proxy.msgpack [--examples=4000 --steps=3000 --seed=0]
 """
-import argparse
 import logging
 import time
+import types
 
 import flax.linen as nn
 import jax
@@ -22,6 +22,7 @@ import optax
 from scipy import ndimage
 
 from tdpo_jax.models import convert
+from tdpo_jax.rewards import registry
 from tdpo_jax.shapes import gold
 from tdpo_jax.shapes import world
 
@@ -155,18 +156,26 @@ def fit_regression(net, params, inputs, labels, steps, seed, batch_size=64,
   return params, float(np.mean(jax.device_get(losses[-100:])))
 
 
-def parse_fit_args(description, default_examples, argv=None):
-  """`--out --examples --steps --seed` of the reward-fitting commands; one-line error if bad."""
-  parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--out", required=True, help="msgpack file to write")
-  parser.add_argument("--examples", type=int, default=default_examples,
-                      help="size of the labelled set")
-  parser.add_argument("--steps", type=int, default=3000)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  if args.examples < 1 or args.steps < 1:
-    parser.error(f"--examples={args.examples} --steps={args.steps}; expected positive integers")
-  return args
+def parse_fit_args(program, default_examples, argv=None):
+  """`--out --examples --steps --seed` (absl flags) of the reward-fitting commands, as a
+  namespace; a one-line SystemExit if bad. `argv` without the program name (None: sys.argv)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from tdpo_jax import cli  # pylint: disable=g-import-not-at-top
+
+  def define(flag_values, full_argv):
+    del full_argv
+    flags.DEFINE_string("out", None, "msgpack file to write", flag_values=flag_values)
+    flags.DEFINE_integer("examples", default_examples, "size of the labelled set",
+                         lower_bound=1, flag_values=flag_values)
+    flags.DEFINE_integer("steps", 3000, "optimizer steps", lower_bound=1,
+                         flag_values=flag_values)
+    flags.DEFINE_integer("seed", 0, "data and init seed", flag_values=flag_values)
+
+  values, positional = cli.parse(argv, define, program)
+  if positional or not values["out"].value:
+    raise SystemExit("error: expected --out=FILE (and optionally --examples, --steps, --seed)")
+  return types.SimpleNamespace(**{name: values[name].value
+                                  for name in ("out", "examples", "steps", "seed")})
 
 
 def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
@@ -180,11 +189,11 @@ def train(seed, examples, steps, batch_size=64, learning_rate=1e-3):
 
 
 def load_weights(weights, reward_name, module):
-  """The params in the msgpack `weights` written by `python -m <module> --out FILE`; a one-line
+  """The params in the msgpack `weights` written by `python -m <module> --out=FILE`; a one-line
   ValueError naming `config.rewards.<reward_name>.weights` if it is empty."""
   if not weights:
     raise ValueError(f"config.rewards.{reward_name}.weights is empty; expected a msgpack "
-                     f"written by `python -m {module} --out FILE`")
+                     f"written by `python -m {module} --out=FILE`")
   return jax.tree.map(jnp.asarray, convert.load_msgpack(weights))
 
 
@@ -193,17 +202,12 @@ def make_reward_fn(weights, cache_dir=""):
   del cache_dir
   params = load_weights(weights, "shapes_proxy", "tdpo_jax.shapes.proxy")
   net = ProxyNet()
-  apply = jax.jit(lambda p, x, w: net.apply({"params": p}, x, w))
-
-  def reward_fn(images, prompts):
-    return np.asarray(apply(params, jnp.asarray(images, jnp.float32), encode_prompts(prompts)),
-                      np.float32)
-
-  return reward_fn
+  return registry.DeviceReward(lambda p, x, w: net.apply({"params": p}, x, w), params,
+                               encode_prompts=lambda prompts: (encode_prompts(prompts),))
 
 
 def main(argv=None):
-  args = parse_fit_args(__doc__.splitlines()[0], DEFAULT_EXAMPLES, argv)
+  args = parse_fit_args("python -m tdpo_jax.shapes.proxy", DEFAULT_EXAMPLES, argv)
   start = time.time()
   params, loss = train(args.seed, args.examples, args.steps)
   convert.save_msgpack(params, args.out)
