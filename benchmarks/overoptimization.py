@@ -710,7 +710,8 @@ def run_one(config, workdir):
   from tdpo_jax import metrics_writer  # noqa: PLC0415
   from tdpo_jax import train  # noqa: PLC0415
   epochs = config.num_epochs
-  rows = metrics_writer.read_metrics(workdir) if os.path.isdir(workdir) else []
+  from tdpo_jax import paths  # noqa: PLC0415
+  rows = metrics_writer.read_metrics(workdir) if paths.is_dir(workdir) else []
   if len(rows) < epochs:
     if train.run(config, workdir).preempted:  # SIGTERM: stop here, not start the next run
       raise SystemExit(f"stopped on SIGTERM during {workdir} (checkpoint saved); rerun the same "
@@ -744,7 +745,8 @@ def define_flags(flag_values, argv):
                     "configs/shapes.py[:reward=aesthetic|proxy|gold]: the shapes config whose "
                     "reward preset every run trains on; --config.KEY=VALUE overrides an entry of "
                     "every run's config")
-  flags.DEFINE_string("out", None, "runs/ (checkpoints) go here", flag_values=flag_values)
+  flags.DEFINE_string("out", None, "runs/ (checkpoints) go here; local or gs://...",
+                      flag_values=flag_values)
   flags.DEFINE_string("results", None,
                       "rows/, the CSV, plots, table.md, settings.json (default: --out)",
                       flag_values=flag_values)
@@ -793,6 +795,9 @@ def parse_args(argv):
     raise SystemExit(f"error: --epochs={args.epochs}; expected >= {MIN_EPOCHS}")
   args.out = values["out"].value
   args.results = values["results"].value or args.out
+  if "://" in args.results:  # the runs may be on gs:// (epath), the committed results are local
+    raise SystemExit(f"error: --results={args.results!r}; expected a local folder (--out may be "
+                     "non-local: pass --results=DIR)")
   return args
 
 

@@ -23,12 +23,14 @@ again.
 
 One run per workdir: `workdir_lock` holds an exclusive lock on `<workdir>/.run.lock` while a run
 trains, so a second run started on the same workdir stops with an error instead of interleaving
-its metrics and checkpoints with the first one's.
+its metrics and checkpoints with the first one's. A non-local workdir (`gs://...`, any path
+`etils.epath` reaches; orbax writes the arrays through tensorstore's own driver) has no file locks:
+it is not locked, and the run logs one line saying so: only one run may use it, and orbax's
+atomic commits (`commit_success.txt` on gs://) keep each checkpoint whole.
 """
 import contextlib
 import fcntl
 import fnmatch
-import glob
 import json
 import logging as python_logging
 import os
@@ -38,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from tdpo_jax import paths
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -85,7 +89,10 @@ def quiet_orbax_logging():
 
 
 def checkpoint_dir(workdir):
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+  """`<workdir>/checkpoints`, absolute for a local workdir; a `gs://...` one is kept as is."""
+  if paths.is_local(workdir):
+    workdir = os.path.abspath(workdir)
+  return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
 def make_manager(workdir, *, max_to_keep=None, async_save=True, create=True):
@@ -112,7 +119,7 @@ def latest(workdir):
 
   Reads only; creates nothing (safe before the config has been checked).
   """
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.is_dir(checkpoint_dir(workdir)):
     return None, None
   manager = make_manager(workdir, async_save=False, create=False)
   try:
@@ -184,10 +191,10 @@ _jit_fingerprints = jax.jit(lambda leaves: [_leaf_fingerprint(leaf) for leaf in 
 def fingerprint(storable_state):
   """{leaf path: [sum, weighted sum]} of a storable state (`to_storable`): the checksums saved in
   the meta and compared after a restore."""
-  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(storable_state)[0])
+  leaf_paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(storable_state)[0])
   sums = jax.device_get(_jit_fingerprints(list(leaves)))
   return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(s)]
-          for path, s in zip(paths, sums)}
+          for path, s in zip(leaf_paths, sums)}
 
 
 def save(manager, state, config):
@@ -244,10 +251,13 @@ def _cause_line(error):
 def _bad_json_file(step_dir):
   """The first of the step's JSON files that does not parse, or None."""
   for pattern in _JSON_FILES:
-    for path in sorted(glob.glob(os.path.join(step_dir, pattern))):
+    try:
+      found = paths.glob(step_dir, pattern)
+    except OSError:
+      found = []
+    for path in found:
       try:
-        with open(path) as f:
-          json.load(f)
+        json.loads(paths.read_text(path))
       except (OSError, ValueError):
         return path
   return None
@@ -315,9 +325,12 @@ def set_aside(manager, step):
     step_dir = os.path.join(str(manager.directory), str(step))
     target = step_dir + ".corrupt"
     suffix = 1
-    while os.path.exists(target):
+    while paths.exists(target):
       target, suffix = f"{step_dir}.corrupt{suffix}", suffix + 1
-    os.rename(step_dir, target)
+    if paths.is_local(step_dir):
+      os.rename(step_dir, target)
+    else:  # an object store renames a folder object by object (epath's backend)
+      paths.as_path(step_dir).rename(target)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices(f"tdpo_jax.checkpoint.set_aside {step}")
@@ -384,6 +397,13 @@ def check_compatible(saved_config, config, workdir):
 LOCK_NAME = ".run.lock"
 
 
+def unlocked_message(workdir):
+  """The one line logged for a workdir without file locks."""
+  return (f"workdir {workdir} is not locked (no file locks on {workdir.split('://')[0]}://): "
+          "only one run may use it at a time (a second one would interleave its metrics with "
+          "this one's); orbax's atomic checkpoint commits keep each checkpoint whole")
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir):
   """Holds an exclusive, non-blocking lock on `<workdir>/.run.lock` (created if needed).
@@ -391,7 +411,14 @@ def workdir_lock(workdir):
   The OS drops the lock when its holder exits, however it exits, so a killed run leaves no stale
   lock. Raises ValueError naming the workdir if another process (or another open run in this
   one) holds it.
+
+  A non-local workdir (`gs://...`) has no file locks: nothing is locked or created, and one
+  warning line (`unlocked_message`) says what protects it.
   """
+  if not paths.is_local(workdir):
+    logging.warning("%s", unlocked_message(workdir))
+    yield
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, LOCK_NAME), "a") as file:
     try:

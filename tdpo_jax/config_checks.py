@@ -21,6 +21,8 @@ import math
 import numbers
 import os
 
+from tdpo_jax import paths
+
 ALGORITHMS = {
     # name: (use_critic, use_reset)
     "ddpo": (False, False),
@@ -273,9 +275,18 @@ def check_reward_names(config):
 def check_workdir(workdir):
   """Raises a one-line ValueError when `workdir` cannot hold a run: it is a file, or it (or the
   nearest existing folder above it) is not a writable folder (a read-only filesystem, no
-  permission). Creates nothing."""
+  permission). Creates nothing.
+
+  A non-local workdir (`gs://bucket/run`, any scheme of `paths.REMOTE_PREFIXES`) is checked by
+  its form only (a scheme epath serves and a bucket name), without touching the local filesystem
+  or the network: the first write reports a missing bucket or permission. Another `scheme://` is
+  an error (it would become a local folder named `scheme:`).
+  """
   if not workdir:
     raise ValueError("--workdir is empty; expected a folder for metrics, images and checkpoints")
+  if "://" in workdir:
+    _check_remote_workdir(workdir)
+    return
   path = os.path.abspath(os.path.expanduser(workdir))
   if os.path.exists(path) and not os.path.isdir(path):
     raise ValueError(f"workdir {workdir!r} is a file, not a folder; use a new --workdir")
@@ -287,6 +298,15 @@ def check_workdir(workdir):
   if not os.access(existing, os.W_OK | os.X_OK):
     reason = "a read-only filesystem" if _read_only(existing) else "no write permission"
     raise ValueError(f"workdir {workdir!r} is not writable: {existing!r} is on {reason}")
+
+
+def _check_remote_workdir(workdir):
+  scheme = workdir.split("://", 1)[0]
+  if not workdir.startswith(paths.REMOTE_PREFIXES):
+    raise ValueError(f"workdir {workdir!r}: scheme {scheme!r}:// is not supported; expected a "
+                     f"local folder or one of {', '.join(paths.REMOTE_PREFIXES)}")
+  if not workdir.split("://", 1)[1].strip("/"):
+    raise ValueError(f"workdir {workdir!r} names no bucket; expected {scheme}://BUCKET/FOLDER")
 
 
 def _read_only(path):

@@ -23,7 +23,7 @@ Every `eval.every` epochs (and after the last epoch), with `config.eval`:
     update; the Monte Carlo part is only over the visited states, never negative).
 Per-prompt rows (prompt, each reward's mean, diversity) go to `<workdir>/eval/epoch_EEEE.csv` and
 to TensorBoard as a markdown table; a captioned grid of the held-out samples to
-`<workdir>/eval/epoch_EEEE.png`.
+`<workdir>/eval/epoch_EEEE.png` (a non-local workdir, `gs://...`, is written through `paths`).
 
 With `eval.before_training` the held-out set is also evaluated once before the first update (the
 initial policy: `eval/before_training.{json,csv,png}`, TensorBoard step -1), so the curves of every
@@ -34,6 +34,7 @@ The held-out rollouts reuse the training rollout kernel (`PolicySampler`) in chu
 compilation and split over the mesh exactly as training samples do.
 """
 import csv
+import io
 import json
 import math
 import os
@@ -48,6 +49,7 @@ import numpy as np
 from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
 from tdpo_jax import objectives
+from tdpo_jax import paths
 from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rewards
 from tdpo_jax import rollout
@@ -317,19 +319,16 @@ def before_training_path(workdir):
 def read_before_training(workdir):
   """The metrics `Evaluator.evaluate_before_training` wrote in `workdir`, or None."""
   path = before_training_path(workdir)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
-  with open(path) as file:
-    return json.load(file)
+  return json.loads(paths.read_text(path))
 
 
 def write_json_atomic(path, data):
-  """Writes `data` as JSON through a temp file renamed over `path` (a kill leaves no half file)."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  temp = f"{path}.tmp{os.getpid()}"
-  with open(temp, "w") as file:
-    json.dump(data, file, indent=2)
-  os.replace(temp, path)
+  """Writes `data` as JSON through a temp file renamed over `path` (a kill leaves no half file;
+  on an object store one upload, `paths.write_atomic`)."""
+  paths.makedirs(os.path.dirname(path))
+  paths.write_atomic(path, json.dumps(data, indent=2), temp=f"{path}.tmp{os.getpid()}")
 
 
 def markdown_table(rows):
@@ -346,12 +345,13 @@ def markdown_table(rows):
 def write_table(workdir, name, step, rows, writer=None):
   """Writes `<workdir>/eval/<name>.csv` and the markdown table to TensorBoard at `step`."""
   directory = os.path.join(workdir, "eval")
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   path = os.path.join(directory, f"{name}.csv")
-  with open(path, "w", newline="", encoding="utf-8") as f:
-    table = csv.DictWriter(f, fieldnames=list(rows[0]))
-    table.writeheader()
-    table.writerows(rows)
+  text = io.StringIO(newline="")
+  table = csv.DictWriter(text, fieldnames=list(rows[0]))
+  table.writeheader()
+  table.writerows(rows)
+  paths.write_text(path, text.getvalue())
   if writer is not None:
     writer.write_text(step, "eval/heldout_table", markdown_table(rows))
   return path

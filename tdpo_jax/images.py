@@ -11,6 +11,8 @@ from PIL import Image
 from PIL import ImageDraw
 from PIL import ImageFont
 
+from tdpo_jax import paths
+
 MIN_CELL = 128  # upscale small (tiny-model) images so captions stay legible
 MAX_CAPTION_LINES = 8  # the caption band grows to the longest caption, up to this many lines
 
@@ -50,7 +52,13 @@ def make_grid(images, captions=None, columns=None):
 
 
 def save_grid(path, images, captions=None, columns=None):
-  """Writes the grid to `path` on process 0 only (multi-host runs call it on every host)."""
+  """Writes the grid to `path` on process 0 only (multi-host runs call it on every host).
+
+  `path` may be non-local (`gs://...`): the PNG is then written to a local temporary file and
+  uploaded (`paths.local_target`).
+  """
   if jax.process_index() == 0:
-    make_grid(images, captions, columns).save(path)
+    grid = make_grid(images, captions, columns)
+    with paths.local_target(path) as target:
+      grid.save(target)
   return path

@@ -8,13 +8,16 @@ Writes (each only when its metrics were logged):
                         (`policy/kl_penalty`, `policy/kl_to_ref`), and PPO's `policy/approx_kl`
                         (to the epoch's sampling policy; always logged);
   dormant.png           dormant fraction of each critic layer (`reset/dormant_frac/l*`).
-The default output directory is `<workdir>/plots`.
+The default output directory is `<workdir>/plots`. The workdir and the output directory may be
+non-local (`gs://...`, through `paths`: each PNG is rendered to a local temporary file and
+uploaded).
 """
 import os
 import re
 import sys
 
 from tdpo_jax import metrics_writer
+from tdpo_jax import paths as paths_lib
 
 FIGURE_SIZE = (6.0, 4.0)  # inches
 DPI = 100
@@ -63,7 +66,8 @@ def _save(plt, figure, axes, path, legend=True):
   if legend:
     axes.legend()
   figure.tight_layout()
-  figure.savefig(path)
+  with paths_lib.local_target(path) as target:
+    figure.savefig(target)
   plt.close(figure)
   return path
 
@@ -74,7 +78,7 @@ def plot_metrics(rows, out_dir):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  os.makedirs(out_dir, exist_ok=True)
+  paths_lib.makedirs(out_dir)
   keys = set().union(*rows)
   paths = []
   if "reward/mean" in keys:
@@ -122,7 +126,7 @@ def plot_workdir(workdir, out_dir=None):
     ValueError: the workdir has no (or an empty) metrics.jsonl.
   """
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.isfile(path):
+  if not paths_lib.as_path(path).is_file():
     raise ValueError(f"no metrics.jsonl in {workdir!r}; expected the --workdir of a "
                      "tdpo_jax.main run")
   rows = metrics_writer.read_metrics(workdir)

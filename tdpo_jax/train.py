@@ -42,6 +42,7 @@ from tdpo_jax import evaluation
 from tdpo_jax import images as images_lib
 from tdpo_jax import kernels as kernels_lib
 from tdpo_jax import metrics_writer
+from tdpo_jax import paths
 from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rewards
 from tdpo_jax import rollout
@@ -387,7 +388,9 @@ def run(config, workdir, *, validated=False):
 
   Args:
     config: the run's config.
-    workdir: the run's folder.
+    workdir: the run's folder: local, or any path `etils.epath` reaches (`gs://bucket/run`;
+      paths.py). A local one is locked for the run (`checkpoint.workdir_lock`); a non-local one
+      cannot be, and the run logs one line saying so.
     validated: the caller already ran `config_checks.validate_config(config)` (main does, before
       its heavy imports); otherwise it runs here, once.
 
@@ -424,11 +427,9 @@ def _start_logs(config, workdir, resume_epoch):
       logging.warning("no committed checkpoint in %s: starting from scratch; deleted %d files an "
                       "earlier run logged (metrics.jsonl, TensorBoard events, images, eval)",
                       workdir, len(removed))
-  os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+  paths.makedirs(os.path.join(workdir, "images"))
   path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + ".tmp", path)
+  paths.write_atomic(path, config.to_json_best_effort(indent=2), temp=path + ".tmp")
 
 
 def _train_in_workdir(config, workdir):
