@@ -276,14 +276,19 @@ def test_path_kl_is_the_sum_of_gaussian_kls(trainer_and_evaluator):
   config, pipeline = trainer.config, trainer.models.frozen_pipeline
   alphas = ddim.alphas_cumprod(pipeline.scheduler_config)
   expected = np.zeros(kl.shape, np.float64)
+
+  @jax.jit  # one step's Gaussian; jitted once instead of ~20 eager UNet calls (~100 s on CPU)
+  def mean_std(unet, latents, timesteps):
+    eps = rollout.guided_eps(pipeline, unet, latents, timesteps, trajectory.prompt_embeds,
+                             frozen.uncond_embeds, config.sample.guidance_scale)
+    return ddim.ddim_mean_std(eps, timesteps, latents, alphas, config.sample.num_steps,
+                              config.sample.eta)
+
   for t in range(config.sample.num_steps):
     latents, timesteps = trajectory.latents[:, t], trajectory.timesteps[:, t]
     normals = []
     for unet in (policy_unet, frozen.unet):
-      eps = rollout.guided_eps(pipeline, unet, latents, timesteps, trajectory.prompt_embeds,
-                               frozen.uncond_embeds, config.sample.guidance_scale)
-      mean, std = ddim.ddim_mean_std(eps, timesteps, latents, alphas, config.sample.num_steps,
-                                     config.sample.eta)
+      mean, std = mean_std(unet, latents, timesteps)
       normals.append(torch.distributions.Normal(
           torch.from_numpy(np.asarray(mean, np.float64)),
           torch.from_numpy(np.broadcast_to(np.asarray(std, np.float64), mean.shape).copy())))
