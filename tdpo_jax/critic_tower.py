@@ -12,21 +12,34 @@ embedding (`critic.embed_noisy_latents`).
                       random 32-d tower. The default.
   "shapes_aesthetic"  the trunk of the shapes world's aesthetic reward
                       (`config.rewards.shapes_aesthetic.weights`, tdpo_jax/shapes/aesthetic.py):
-                      the embedding the reward's affine head reads.
+                      the embedding the reward's affine head reads; registered by
+                      `tdpo_jax.shapes.rewards` (`config.reward_modules`).
 """
 from typing import Callable, NamedTuple
 
 from tdpo_jax import config_checks
 from tdpo_jax.models import image_encoder as image_encoder_lib
-from tdpo_jax.shapes import aesthetic
 
 TOWERS = config_checks.CRITIC_TOWERS  # declared there, so the config check needs no jax
+DEFAULT_TOWER = "image_encoder"
 
 
 class Tower(NamedTuple):
   """A frozen image tower: `embed_fn(params, images) -> (B, d)` (pure) and its params."""
   embed_fn: Callable
   params: dict
+
+
+# name -> builder(config) -> Tower, added by the module that owns the tower (`register`): the
+# shapes world registers "shapes_aesthetic" in tdpo_jax.shapes.rewards (config.reward_modules),
+# so this core module imports no world of its own.
+_BUILDERS = {}
+
+
+def register(name, builder):
+  """Adds the tower `name` (one of `TOWERS`): `builder(config) -> Tower`."""
+  check_name(name)
+  _BUILDERS[name] = builder
 
 
 def check_name(name):
@@ -40,18 +53,18 @@ def make_tower(config, pipeline):
   default tower is asked for (DDPO needs none).
 
   Args:
-    config: the run config (`critic.tower`, `rewards.shapes_aesthetic.weights`).
+    config: the run config (`critic.tower`, and what a registered tower's builder reads).
     pipeline: the `Pipeline` whose image encoder the "image_encoder" tower uses (pass the one
       with the frozen models' precision).
   """
   name = config.critic.tower
   check_name(name)
-  if name == "shapes_aesthetic":
-    if "shapes_aesthetic" not in config.rewards:
-      raise ValueError("critic.tower='shapes_aesthetic' needs config.rewards.shapes_aesthetic."
-                       "weights (the msgpack of `python -m tdpo_jax.shapes.aesthetic`)")
-    embed_fn, params = aesthetic.make_tower(config.rewards.shapes_aesthetic.weights)
-    return Tower(embed_fn, params)
+  if name != DEFAULT_TOWER:
+    if name not in _BUILDERS:
+      raise ValueError(f"critic.tower={name!r} is registered by a module that was not imported: "
+                       "list it in config.reward_modules (the shapes world's: "
+                       "'tdpo_jax.shapes.rewards')")
+    return _BUILDERS[name](config)
   if pipeline.image_encoder is None:
     return None
   return Tower(

@@ -191,6 +191,20 @@ def test_reward_registry_does_not_load_the_shapes_world():
   assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_the_trunk_does_not_load_the_shapes_world():
+  code = ("import sys\n"
+          "from tdpo_jax import train, evaluation, kernels, epoch, critic_tower\n"
+          "shapes = sorted(m for m in sys.modules if m.startswith('tdpo_jax.shapes'))\n"
+          "assert not shapes, shapes\n"
+          "assert 'shapes_aesthetic' not in critic_tower._BUILDERS\n"
+          "from tdpo_jax.shapes import rewards\n"
+          "assert 'shapes_aesthetic' in critic_tower._BUILDERS\n"
+          "print('ok')\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_import_reward_modules_errors_and_registration():
   from tdpo_jax import rewards  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="reward_modules: no module named 'tdpo_jax.no_such'"):

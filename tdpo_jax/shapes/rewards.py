@@ -16,8 +16,10 @@ prompts and returns (B,) float32.
 The core registry (`tdpo_jax.rewards`) does not import the shapes world: configs/shapes.py lists
 this module in `config.reward_modules`, and the entry points import those modules
 (`rewards.import_reward_modules`) before they check or build a reward name. Other code imports
-this module itself before `rewards.make_reward_fn("shapes_...", ...)`.
+this module itself before `rewards.make_reward_fn("shapes_...", ...)`. It also registers the
+critic tower `critic.tower="shapes_aesthetic"` (the aesthetic reward's trunk, critic_tower.py).
 """
+from tdpo_jax import critic_tower
 from tdpo_jax import rewards
 from tdpo_jax.shapes import aesthetic
 from tdpo_jax.shapes import gold
@@ -37,3 +39,14 @@ for _name, _reward_fn in FUNCTION_REWARDS.items():
   rewards.register(_name, _reward_fn)
 for _name, _builder in MODEL_REWARDS.items():
   rewards.register_model_reward(_name, _builder, ("weights",))
+
+
+def _aesthetic_tower(config):
+  """The critic tower "shapes_aesthetic": the aesthetic reward's trunk (`aesthetic.make_tower`)."""
+  if "shapes_aesthetic" not in config.rewards:
+    raise ValueError("critic.tower='shapes_aesthetic' needs config.rewards.shapes_aesthetic."
+                     "weights (the msgpack of `python -m tdpo_jax.shapes.aesthetic`)")
+  return critic_tower.Tower(*aesthetic.make_tower(config.rewards.shapes_aesthetic.weights))
+
+
+critic_tower.register("shapes_aesthetic", _aesthetic_tower)
