@@ -4,12 +4,6 @@ import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA's optimisation passes off (issue 17: "jax_disable_most_optimizations where tolerances
-# allow"): the tests run tiny models, so compiling is most of their time, and unoptimised
-# programs compile faster (a Trainer-building test file: 286 s -> 248 s, both with empty caches).
-# Every equality in the tests compares two programs compiled the same way, and the parity
-# tolerances hold (the whole suite passes with it).
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # JAX's persistent compilation cache, shared by the xdist workers and the subprocesses the tests
 # start: many tests build a fresh `Trainer` of the same tiny shapes, whose kernels can then load
 # instead of compiling again (compilation is most of a tiny test's time; test_checkpoint.py took
