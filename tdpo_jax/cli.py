@@ -59,7 +59,8 @@ def config_argument(flag_values):
   return arg, path
 
 
-def _one_line(text):
+def one_line(text):
+  """`text` (an error's message) with its whitespace runs, newlines included, as single spaces."""
   return " ".join(str(text).split())
 
 
@@ -87,7 +88,7 @@ def error_line(error, argv):
     innermost = innermost.__cause__ or innermost.__context__
   if len(lines) > 1 and innermost is not error:
     prefix = "" if isinstance(innermost, ValueError) else f"{type(innermost).__name__}: "
-    return prefix + _one_line(innermost)
+    return prefix + one_line(innermost)
   if len(lines) > 1:
     return lines[-1]
   return " ".join(lines) or type(error).__name__

@@ -53,10 +53,6 @@ def initialize_distributed():
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def _one_line(text):
-  return " ".join(str(text).split())
-
-
 def parse_flags(argv):
   """absl's flag parsing, with every error a one-line `error: ...` (exit status 1)."""
   try:
@@ -93,7 +89,7 @@ def main(argv):
   except (ValueError, OSError, train.NonFiniteError) as error:
     # Bad input, an unreadable checkpoint, a failed save or write (disk full, read-only), or a
     # diverged run: one clear line, not a traceback from deep inside JAX.
-    raise SystemExit(f"error: {_one_line(error)}") from None
+    raise SystemExit(f"error: {cli.one_line(error)}") from None
   if history.preempted:
     print(f"preempted: stopped after epoch {int(history[-1]['epoch'])} and saved a checkpoint in "
           f"{workdir}/checkpoints; rerun the same command to resume (exit status "

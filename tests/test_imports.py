@@ -175,6 +175,13 @@ def test_graph_finds_lazy_and_package_cycles(tmp_path):
                     ["fake.i", "fake.j", "fake.i"]], cycles
 
 
+def _assert_prints_ok(code):
+  """Runs `code` in a fresh interpreter (its own sys.modules) and expects it to print "ok"."""
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
 def test_reward_registry_does_not_load_the_shapes_world():
   code = ("import sys\n"
           "from tdpo_jax import rewards\n"
@@ -186,9 +193,7 @@ def test_reward_registry_does_not_load_the_shapes_world():
           "         'shapes_proxy', 'shapes_aesthetic'}\n"
           "assert names <= set(rewards.available()), rewards.available()\n"
           "print('ok')\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
-  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+  _assert_prints_ok(code)
 
 
 def test_the_trunk_does_not_load_the_shapes_world():
@@ -200,9 +205,7 @@ def test_the_trunk_does_not_load_the_shapes_world():
           "from tdpo_jax.shapes import rewards\n"
           "assert 'shapes_aesthetic' in critic_tower._BUILDERS\n"
           "print('ok')\n")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
-  assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+  _assert_prints_ok(code)
 
 
 def test_import_reward_modules_errors_and_registration():
