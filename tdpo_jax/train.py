@@ -23,6 +23,7 @@ host loop, preemption, checkpoints and logging.
            (`stats.group_normalise`) instead of by the per-prompt buffers.
 """
 import contextlib
+import fnmatch
 import os
 import signal
 import threading
@@ -375,7 +376,27 @@ def restore_or_keep(manager, state):
   raise AssertionError("unreachable")
 
 
-def run(config, workdir, *, validated=False):
+# Config keys (fnmatch patterns on dotted paths) that a `Trainer` never reads: a run whose config
+# differs from the trainer's only in these may use it (`run(..., trainer=)`).
+RUN_ONLY_KEY_PATTERNS = ("num_epochs", "log.*", "eval.*", "checkpoint.*")
+
+
+def check_trainer_serves(trainer, config):
+  """Raises ValueError naming the keys in which `config` differs from `trainer.config` outside
+  `RUN_ONLY_KEY_PATTERNS` (the trainer's models and kernels were built for its own config)."""
+  built, wanted = (checkpoint_lib.flatten(checkpoint_lib.config_to_dict(c))
+                   for c in (trainer.config, config))
+  differences = [
+      f"{key}: trainer {built.get(key, '<missing>')!r}, run {wanted.get(key, '<missing>')!r}"
+      for key in sorted(set(built) | set(wanted))
+      if built.get(key, "<missing>") != wanted.get(key, "<missing>")
+      and not any(fnmatch.fnmatchcase(key, p) for p in RUN_ONLY_KEY_PATTERNS)]
+  if differences:
+    raise ValueError(f"the trainer was built for another config ({'; '.join(differences)}); "
+                     f"expected one that differs only in {', '.join(RUN_ONLY_KEY_PATTERNS)}")
+
+
+def run(config, workdir, *, validated=False, trainer=None):
   """Trains until `config.num_epochs` epochs are done; writes metrics (JSONL + TensorBoard),
   image grids and checkpoints to `workdir`, resuming from its latest checkpoint if any.
 
@@ -393,12 +414,18 @@ def run(config, workdir, *, validated=False):
       cannot be, and the run logs one line saying so.
     validated: the caller already ran `config_checks.validate_config(config)` (main does, before
       its heavy imports); otherwise it runs here, once.
+    trainer: a `Trainer` to run with instead of building one, so that its models and compiled
+      kernels serve several runs in one process (the tests do this); its config may differ from
+      `config` only in `RUN_ONLY_KEY_PATTERNS` (the seed is not among them: the trainer draws
+      each epoch's prompts with it).
 
   Returns:
     a `RunHistory` (a list) of the per-epoch metric dicts of the epochs run by this call.
   """
   if not validated:
     config_checks.validate_config(config)  # before anything is written to the workdir
+  if trainer is not None:
+    check_trainer_serves(trainer, config)
   config_checks.check_workdir(workdir)
   resume_epoch, meta = checkpoint_lib.latest(workdir)
   if jax.process_count() > 1:  # nobody creates checkpoints/ before every process has looked
@@ -415,7 +442,7 @@ def run(config, workdir, *, validated=False):
   lock = (checkpoint_lib.workdir_lock(workdir) if jax.process_index() == 0
           else contextlib.nullcontext())
   with lock:
-    return _train_in_workdir(config, workdir)
+    return _train_in_workdir(config, workdir, trainer)
 
 
 def _start_logs(config, workdir, resume_epoch):
@@ -432,9 +459,9 @@ def _start_logs(config, workdir, resume_epoch):
   paths.write_atomic(path, config.to_json_best_effort(indent=2), temp=path + ".tmp")
 
 
-def _train_in_workdir(config, workdir):
+def _train_in_workdir(config, workdir, trainer):
   """`run`'s body once the config is checked and the workdir is this run's."""
-  trainer = Trainer(config)
+  trainer = trainer or Trainer(config)
   evaluator = evaluation.Evaluator(  # loads the eval rewards once (or nothing)
       config, trainer.sampler(), trainer.models, trainer.score_reward)
   frozen = trainer.frozen_params()

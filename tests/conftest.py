@@ -2,6 +2,8 @@
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # JAX's persistent compilation cache, shared by the xdist workers and the subprocesses the tests
@@ -19,3 +21,10 @@ def pytest_configure(config):
       "markers", "multiprocess: spawns jax.distributed processes; the README's test command "
       "runs these alone, after the xdist part (XLA:CPU's gloo collectives time out after 30 s "
       "when a starved process lags)")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+  """The tiny models' cache folder, one per test process: tests that build the same config
+  then share one Trainer (`helpers.shared_trainer`) across test files."""
+  return tmp_path_factory.mktemp("models")

@@ -104,3 +104,20 @@ def epoch_batches(trainer, state, frozen, trajectory, prompt_index):
   micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
   stack = lambda x: np.stack(x).reshape((-1, accum, micro) + np.shape(x[0]))
   return train_step_lib.TransitionBatch(**{name: stack(x) for name, x in rows.items()})
+
+
+_TRAINERS = {}
+
+
+def shared_trainer(config):
+  """A `train.Trainer` for `config`, built once per test process and shared by every test (and
+  test file) that asks for the same config: its pipeline and compiled kernels then serve them
+  all (building and compiling is most of a tiny test's time). Callers take fresh states from
+  `init_state()` (the kernels donate theirs) and never mutate the trainer; `train.run(...,
+  trainer=shared_trainer(config))` runs a workdir with it.
+  """
+  from tdpo_jax import train  # pylint: disable=import-outside-toplevel
+  key = config.to_json(sort_keys=True)
+  if key not in _TRAINERS:
+    _TRAINERS[key] = train.Trainer(config)
+  return _TRAINERS[key]

@@ -34,11 +34,6 @@ SHRINK = {"sample.num_steps": 4, "log.image_grid_every": 0}
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="module")
 def trainer(cache_dir):
   return train.Trainer(helpers.tiny_config(cache_dir, **SHRINK))
 

@@ -23,11 +23,6 @@ NO_DROPOUT = (0.0, 0.0, 0.0, 0.0)
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("models")
-
-
-@pytest.fixture(scope="module")
 def epoch0(cache_dir):
   trainer = train.Trainer(helpers.tiny_config(cache_dir, algorithm="tdpo_r"))
   frozen, state = trainer.frozen_params(), trainer.init_state()

@@ -30,11 +30,6 @@ from tests import helpers
 EVAL_REWARDS = ("jpeg_compressibility", "jpeg_incompressibility")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("models")
-
-
 def _fast_config(cache_dir, **overrides):
   """tiny with one rollout batch and 4 DDIM steps per epoch (2 optimizer steps)."""
   values = {"num_epochs": 2, "eval.every": 1, "eval.rewards": EVAL_REWARDS,

@@ -37,11 +37,6 @@ FAST = {"sample.num_steps": 4, "log.image_grid_every": 0, "eval.every": 0}
 SIZE = 2**14  # the dummy state's random policy leaf (incompressible, as trained weights are)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("models")
-
-
 def _save_dummy_steps(workdir, epochs, max_to_keep=0):
   manager = checkpoint.make_manager(str(workdir), max_to_keep=max_to_keep, async_save=False)
   for epoch in epochs:

@@ -27,9 +27,10 @@ SHIPPED_DIR = os.path.join(helpers.REPO, "tdpo_jax", "shapes", "assets", "pipeli
 golden = helpers.load_script(os.path.join("tests", "golden", "make_clip_golden.py"),
                              "make_clip_golden")
 
-# float32 parity: max |ours - reference| / max |reference| (measured 1.7e-7 … 2e-6; the largest
-# is CLIP's logits, exp(logit_scale) = 14.3 times a cosine).
-FLOAT32_TOLERANCE = 1e-5
+# float32 parity: max |ours - reference| / max |reference| (measured 1.7e-7 … 2e-6 on one machine,
+# up to 1.02e-5 on another of the same kind: XLA's CPU code differs with the CPU; the largest is
+# CLIP's logits, exp(logit_scale) = 14.3 times a cosine).
+FLOAT32_TOLERANCE = 5e-5
 # bfloat16 compute against our float32 outputs, same measure (measured 2.5e-3 … 6.5e-3: bf16 has
 # an 8-bit mantissa, relative rounding 2^-9 = 2e-3 per op, a few ops deep).
 BFLOAT16_TOLERANCE = 3e-2

@@ -200,13 +200,15 @@ def test_settings_of_the_former_set_command_line_stay_compatible(tmp_path):
   committed = os.path.join(helpers.REPO, "docs", "overopt_aesthetic", "settings.json")
   with open(committed) as file:
     saved = json.load(file)
-  assert saved["set"] == []  # the committed aesthetic results: no overrides
-  (tmp_path / "settings.json").write_text(json.dumps(saved))
-  args = bench.parse_args(["--out", str(tmp_path), "--epochs", str(saved["epochs"])])
-  settings = {"preset": args.preset, "epochs": args.epochs,
-              "overrides": bench.normalised_overrides(args.overrides)}
-  assert bench.check_settings(str(tmp_path), settings) == {
-      "preset": "aesthetic", "epochs": saved["epochs"], "overrides": {}}
+  # the committed aesthetic results (rewritten in the new format when a run resumed them) and
+  # the same results as the `--set` command line wrote them: no overrides either way
+  for written in (saved, {"preset": "aesthetic", "epochs": saved["epochs"], "set": []}):
+    (tmp_path / "settings.json").write_text(json.dumps(written))
+    args = bench.parse_args(["--out", str(tmp_path), "--epochs", str(saved["epochs"])])
+    settings = {"preset": args.preset, "epochs": args.epochs,
+                "overrides": bench.normalised_overrides(args.overrides)}
+    assert bench.check_settings(str(tmp_path), settings) == {
+        "preset": "aesthetic", "epochs": saved["epochs"], "overrides": {}}
   old = {"preset": "aesthetic", "epochs": 5,
          "set": ["sample.num_steps=4", "prompts=/data/my prompts.txt", "train.learning_rate=1e-2",
                  "eval.rewards=('shapes_gold', 'shapes_aesthetic')", "sample.num_steps=5"]}

@@ -23,11 +23,6 @@ from tdpo_jax import train
 from tests import helpers
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("models")
-
-
 def _prepare(trainer, state, frozen):
   """Samples epoch 0 and returns its TransitionBatch."""
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
