@@ -5,6 +5,15 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# tiny_config overrides for tests that compare two computations of the same update (accumulated
+# vs concatenated micro-batches, fused vs scanned, remat vs not, TDPO with a zero critic vs
+# DDPO): critic dropout off (its masks depend on the split) and Adam's eps 1e-6 instead of 1e-8
+# (the first Adam step is lr g / (|g| + eps): float rounding in a gradient entry of size ~1e-8
+# flipped that entry's update by ~0.15 lr on one machine; with eps 1e-6 such noise moves a
+# parameter by < 1e-3 lr). Shared, so these tests share one Trainer (`shared_trainer`).
+EXACT = {"algorithm": "tdpo", "critic.dropout_rates": (0.0, 0.0, 0.0, 0.0),
+         "train.adam_epsilon": 1e-6}
+
 
 def load_config(name="tiny", arg=None):
   """`tdpo_jax/configs/<name>.py`'s get_config(arg): what `--config=configs/<name>.py:arg` loads."""
