@@ -121,12 +121,21 @@ _TRAINERS = {}
 def shared_trainer(config):
   """A `train.Trainer` for `config`, built once per test process and shared by every test (and
   test file) that asks for the same config: its pipeline and compiled kernels then serve them
-  all (building and compiling is most of a tiny test's time). Callers take fresh states from
+  all (building and compiling is most of a tiny test's time). Configs that differ only in
+  `train.RUN_ONLY_KEY_PATTERNS` share one (`trainer.config` is the first caller's: a test that
+  runs a workdir passes its own config to `train.run`). Callers take fresh states from
   `init_state()` (the kernels donate theirs) and never mutate the trainer; `train.run(...,
   trainer=shared_trainer(config))` runs a workdir with it.
   """
+  import fnmatch  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import checkpoint  # pylint: disable=import-outside-toplevel
   from tdpo_jax import train  # pylint: disable=import-outside-toplevel
-  key = config.to_json(sort_keys=True)
+  # Keyed by what a Trainer reads: configs that differ only in run-only keys (num_epochs, log,
+  # eval, checkpoint) share one; its `config` is the first caller's.
+  key = json.dumps({k: v for k, v in checkpoint.flatten(checkpoint.config_to_dict(config)).items()
+                    if not any(fnmatch.fnmatchcase(k, p) for p in train.RUN_ONLY_KEY_PATTERNS)},
+                   sort_keys=True, default=repr)
   if key not in _TRAINERS:
     _TRAINERS[key] = train.Trainer(config)
   return _TRAINERS[key]

@@ -2,7 +2,8 @@
 
 - Restore == saved state, bitwise, for every leaf (rng key data, normaliser, both opt states).
 - Kill and resume: SIGTERM during epoch 3 (index 2) of `python -m tdpo_jax.main`, then the same
-  command again, gives the same metrics, bitwise, as an uninterrupted 4-epoch run.
+  command again, gives the same metrics, bitwise, as an uninterrupted 4-epoch run (run in the
+  test's process with the same config).
 - SIGKILL in the middle of a save leaves the previous checkpoint restorable.
 - An incompatible config on resume is a one-line error naming the keys; num_epochs may change.
 - A second run on a workdir another run holds is a one-line error and writes nothing.
@@ -23,7 +24,6 @@ import pytest
 
 from tdpo_jax import checkpoint
 from tdpo_jax import metrics_writer
-from tdpo_jax import rewards
 from tdpo_jax import stats
 from tdpo_jax import train
 from tdpo_jax import train_step
@@ -35,7 +35,7 @@ SHRINK = {"sample.num_steps": 4, "log.image_grid_every": 0}
 
 @pytest.fixture(scope="module")
 def trainer(cache_dir):
-  return train.Trainer(helpers.tiny_config(cache_dir, **SHRINK))
+  return helpers.shared_trainer(helpers.tiny_config(cache_dir, **SHRINK))
 
 
 def _storable_leaves(state):
@@ -163,18 +163,22 @@ def test_truncate_metrics(tmp_path):
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(tmp_path))] == [0, 1]
 
 
-def test_nan_reward_keeps_last_good_checkpoint(trainer, cache_dir, tmp_path):
+def test_nan_reward_keeps_last_good_checkpoint(trainer, cache_dir, tmp_path, monkeypatch):
   calls = []
+  score = trainer.score_reward
 
   def nan_in_second_epoch(images, prompts):
     calls.append(len(prompts))
-    value = np.nan if len(calls) == 2 else 0.0
-    return np.full(len(prompts), value, np.float32) + np.arange(len(prompts), dtype=np.float32)
+    reward = score(images, prompts)
+    return np.full_like(reward, np.nan) if len(calls) == 2 else reward
 
-  rewards.register("nan_in_second_epoch", nan_in_second_epoch)
-  config = helpers.tiny_config(cache_dir, reward="nan_in_second_epoch", num_epochs=3, **SHRINK)
-  with pytest.raises(train.NonFiniteError, match="epoch 1: reward 'nan_in_second_epoch'"):
-    train.run(config, str(tmp_path))
+  # The shared trainer's reward, NaN in epoch 1 (the trainer is restored after the test).
+  monkeypatch.setattr(trainer, "score_reward", nan_in_second_epoch)
+  # eval off: the reward is called once per epoch, by the epoch alone
+  config = helpers.tiny_config(cache_dir, num_epochs=3, **{"eval.every": 0}, **SHRINK)
+  with pytest.raises(train.NonFiniteError, match=f"epoch 1: reward '{config.reward}' is NaN"):
+    train.run(config, str(tmp_path), trainer=trainer)
+  assert calls == [8, 8]
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(tmp_path))] == [0]
   step, meta = checkpoint.latest(str(tmp_path))
   assert step == 1 and meta["epoch"] == 1 and meta["step"] == 4
@@ -187,7 +191,7 @@ def test_nan_reward_keeps_last_good_checkpoint(trainer, cache_dir, tmp_path):
   assert int(restored.normaliser.count.sum()) == 8  # epoch 0's 8 rewards, not epoch 1's NaNs
   # A compatible change (num_epochs) resumes: here nothing is left to run.
   config.num_epochs = 1
-  history = train.run(config, str(tmp_path))
+  history = train.run(config, str(tmp_path), trainer=trainer)
   assert history == [] and history.resumed_from == 1 and not history.preempted
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(tmp_path))] == [0]
 
@@ -212,13 +216,13 @@ def _without_times(history):
   return [{k: v for k, v in m.items() if not k.startswith("time/")} for m in history]
 
 
-def test_sigterm_and_resume_equals_uninterrupted_run(cache_dir, tmp_path):
+def test_sigterm_and_resume_equals_uninterrupted_run(trainer, cache_dir, tmp_path):
   environment = _environment()
-  # Uninterrupted.
+  # Uninterrupted, in this process (the config the command line below builds; the same XLA
+  # flags, so the same compiled kernels: a subprocess loads them from the persistent cache).
   reference = tmp_path / "reference"
-  result = subprocess.run(_command(reference, cache_dir), capture_output=True, text=True,
-                          cwd=helpers.REPO, env=environment, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+  config = helpers.tiny_config(cache_dir, num_epochs=4, **SHRINK)
+  train.run(config, str(reference), trainer=trainer)
   expected = metrics_writer.read_metrics(str(reference))
   assert [m["epoch"] for m in expected] == [0, 1, 2, 3]
 
@@ -237,6 +241,9 @@ def test_sigterm_and_resume_equals_uninterrupted_run(cache_dir, tmp_path):
   assert "preempted: stopped after epoch 2" in stdout
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(workdir))] == [0, 1, 2]
   assert checkpoint.latest(str(workdir))[0] == 3
+  # The command line built the reference's config.
+  assert (json.loads((workdir / "config.json").read_text())
+          == json.loads((reference / "config.json").read_text()))
 
   # The same command again resumes and finishes.
   result = subprocess.run(command, capture_output=True, text=True, cwd=helpers.REPO,

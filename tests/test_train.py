@@ -1,92 +1,66 @@
 """The training loop end to end on the tiny config, and its invariants.
 
 - On the first micro-batch after sampling: ratio == 1, clip fraction 0, approx KL 0.
-- Gradient accumulation over k micro-batches == one step on the concatenated batch.
-- `ddpo` == `tdpo` with a critic that outputs zero (same policy updates).
+- A run writes its metrics, image grids, TensorBoard events and config.
 - A seeded JPEG-compressibility run raises the mean reward.
-- Bad input gives a clear error and leaves the workdir as it was.
+- Bad input (a bad config, a Trainer built for another config, a NaN reward) gives a clear
+  error and leaves the workdir as it was.
+(Gradient accumulation == the concatenated batch, and ddpo == tdpo with a zero critic: in
+test_epoch_kernels.py, with the other tests that compute one update two ways.)
 """
 import json
 import os
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from tdpo_jax import config_checks
 from tdpo_jax import metrics_writer
 from tdpo_jax import rewards
+from tdpo_jax import sharding as sharding_lib
 from tdpo_jax import train
 from tests import helpers
 
+# The tiny TDPO-R config of this file's training tests, fine-tuning the full UNet with lr 1e-3
+# and clip range 0.2: the tiny random UNet with rank-4 LoRA at the paper's lr/clip barely moves
+# in a few epochs (nor does it at lr 1e-3 or 1e-2, clip 0.2), and `test_jpeg_reward_rises` needs
+# it to move. The tests that use it share one Trainer (`helpers.shared_trainer`): its kernels,
+# the full UNet's train step the costliest to compile, compile once.
+FULL_UNET = {"algorithm": "tdpo_r", "lora.enabled": False, "train.learning_rate": 1e-3,
+             "train.clip_range": 0.2}
 
-def _prepare(trainer, state, frozen):
-  """Samples epoch 0 and returns its TransitionBatch."""
-  trajectory, prompt_index = trainer.sample(state, frozen, 0)
-  return helpers.epoch_batches(trainer, state, frozen, trajectory, prompt_index)
 
-
-def _params_close(a, b, rtol, atol):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+def _full_unet_trainer(cache_dir):
+  return helpers.shared_trainer(helpers.tiny_config(cache_dir, **FULL_UNET))
 
 
 def test_first_microbatch_ratio_is_one(cache_dir):
-  trainer = train.Trainer(helpers.tiny_config(cache_dir, algorithm="tdpo_r"))
+  trainer = _full_unet_trainer(cache_dir)
   frozen, state = trainer.frozen_params(), trainer.init_state()
-  batches = _prepare(trainer, state, frozen)
-  first = jax.tree.map(lambda x: x[0], batches)
-  _, metrics = jax.jit(trainer.kernels.train_step_fn)(state, frozen, first, jax.random.key(0))
-  assert abs(float(metrics["policy/ratio"]) - 1.0) < 1e-5
-  assert float(metrics["policy/clipfrac"]) == 0.0
-  assert abs(float(metrics["policy/approx_kl"])) < 1e-10
-
-
-def test_gradient_accumulation_equals_concatenated_batch(cache_dir):
-  config = helpers.tiny_config(cache_dir, algorithm="tdpo")
-  config.critic.dropout_rates = (0.0, 0.0, 0.0, 0.0)  # dropout masks depend on the split
-  trainer = train.Trainer(config)
-  frozen, state = trainer.frozen_params(), trainer.init_state()
-  batches = _prepare(trainer, state, frozen)
-  accumulated = jax.tree.map(lambda x: x[0], batches)            # (k, M, ...)
-  k, m = accumulated.latents.shape[:2]
-  concatenated = jax.tree.map(lambda x: x.reshape((1, k * m) + x.shape[2:]), accumulated)
-  step = jax.jit(trainer.kernels.train_step_fn)
-  state_a, metrics_a = step(state, frozen, accumulated, jax.random.key(0))
-  state_b, metrics_b = step(state, frozen, concatenated, jax.random.key(0))
-  assert k > 1
-  # Adam's first update is lr g / (|g| + eps): entries whose gradient is near eps = 1e-8 amplify
-  # float-rounding differences of the two summation orders, so compare at 1% of lr = 1e-4.
-  _params_close(state_a.policy_params, state_b.policy_params, rtol=1e-4, atol=1e-6)
-  _params_close(state_a.critic_params, state_b.critic_params, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(metrics_a["policy/grad_norm"], metrics_b["policy/grad_norm"],
-                             rtol=1e-4)
-
-
-def test_ddpo_equals_tdpo_with_zero_critic(cache_dir):
-  config = helpers.tiny_config(cache_dir, algorithm="ddpo")
-  ddpo = train.Trainer(config)
-  tdpo = train.Trainer(helpers.tiny_config(cache_dir, algorithm="tdpo"))
-  frozen = ddpo.frozen_params()
-  state_ddpo = ddpo.init_state()
-  state_tdpo = tdpo.init_state()
-  state_tdpo = state_tdpo.replace(
-      critic_params=jax.tree.map(jnp.zeros_like, state_tdpo.critic_params))
-  state_ddpo, metrics_ddpo, *_ = ddpo.run_epoch(state_ddpo, frozen)
-  state_tdpo, metrics_tdpo, *_ = tdpo.run_epoch(state_tdpo, frozen)
-  assert metrics_ddpo["reward/mean"] == metrics_tdpo["reward/mean"]
-  _params_close(state_ddpo.policy_params, state_tdpo.policy_params, rtol=1e-5, atol=1e-8)
-  # ... and the policy did move.
-  moved = max(float(jnp.abs(b).max()) for b in jax.tree.leaves(state_ddpo.policy_params))
-  assert moved > 0
+  trajectory, prompt_index = trainer.sample(state, frozen, 0)
+  reward = np.asarray(trainer.score_reward(trajectory.images,
+                                           [trainer.prompts[i] for i in prompt_index]),
+                      np.float32)
+  # The epoch's kernels called as `run_epoch` calls them: the executables the runs below use.
+  host_inputs = sharding_lib.replicate_host((np.asarray(prompt_index, np.int32), reward),
+                                            trainer.mesh)
+  normaliser, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
+  _, metrics = trainer.kernels.train_epoch(state.replace(normaliser=normaliser), frozen, batches)
+  ratio, clipfrac, approx_kl = (np.asarray(metrics[f"policy/{name}"])
+                                for name in ("ratio", "clipfrac", "approx_kl"))
+  assert ratio.shape == (batches.latents.shape[0],)  # one entry per optimizer step
+  # Update 0 (its k micro-batches all see the policy that sampled them): ratio 1, nothing clipped.
+  assert abs(float(ratio[0]) - 1.0) < 1e-5
+  assert float(clipfrac[0]) == 0.0
+  assert abs(float(approx_kl[0])) < 1e-10
+  assert float(np.abs(ratio[1:] - 1.0).max()) > 1e-5  # ... and later ones see the moved policy
 
 
 def test_run_writes_metrics_images_and_tensorboard(cache_dir, tmp_path):
-  config = helpers.tiny_config(cache_dir, algorithm="tdpo_r", num_epochs=2)
-  history = train.run(config, str(tmp_path))
+  config = helpers.tiny_config(cache_dir, num_epochs=2, **FULL_UNET)
+  history = train.run(config, str(tmp_path), trainer=_full_unet_trainer(cache_dir))
   assert len(history) == 2
   logged = metrics_writer.read_metrics(str(tmp_path))
   assert [m["epoch"] for m in logged] == [0, 1]
@@ -104,21 +78,62 @@ def test_run_writes_metrics_images_and_tensorboard(cache_dir, tmp_path):
   assert json.loads((tmp_path / "config.json").read_text())["algorithm"] == "tdpo_r"
 
 
-def test_jpeg_reward_rises(cache_dir, tmp_path):
-  """A seeded TDPO-R run on JPEG compressibility raises the mean reward (loose trend test).
+@pytest.mark.parametrize("key,value,built,wanted", [("seed", 1, "0", "1"),
+                                                    ("algorithm", "tdpo", "'tdpo_r'", "'tdpo'")])
+def test_run_refuses_a_trainer_built_for_another_config(cache_dir, tmp_path, key, value, built,
+                                                       wanted):
+  (tmp_path / "keep.txt").write_text("previous run")
+  config = helpers.tiny_config(cache_dir, **{**FULL_UNET, key: value})
+  with pytest.raises(ValueError, match=rf"^the trainer was built for another config "
+                                       rf"\({key}: trainer {built}, run {wanted}\); ") as error:
+    train.run(config, str(tmp_path), trainer=_full_unet_trainer(cache_dir))
+  assert "\n" not in str(error.value)  # one line, naming only the key that differs
+  assert sorted(os.listdir(tmp_path)) == ["keep.txt"]
+  assert (tmp_path / "keep.txt").read_text() == "previous run"
+
+
+EPOCHS, KEYS = 4, 4  # test_jpeg_reward_rises: epochs trained; epochs whose samples are paired
+
+
+def test_jpeg_reward_rises(cache_dir):
+  """TDPO-R on JPEG compressibility raises the reward (a trend test on paired samples).
 
   The tiny random UNet with rank-4 LoRA at the paper's lr/clip barely moves in a few epochs, so
-  this short run fine-tunes the full UNet with lr 1e-3 and clip range 0.2 (seen: -4.22 -> -4.00
-  over 6 epochs, epoch-to-epoch noise ~0.05).
+  this run fine-tunes the full UNet with lr 1e-3 and clip range 0.2 (`FULL_UNET`). After EPOCHS
+  epochs the trained policy samples the first KEYS epochs' prompts with their noise again (both
+  are functions of (seed, epoch)), as the initial policy did: the mean reward rise over these
+  paired samples is the policy's doing only (exactly 0 without training), free of the ~0.035
+  epoch-to-epoch noise of the training reward's mean (different prompts and noise each epoch)
+  that the former test had to outrun (6 epochs, the mean training reward of the last two epochs
+  vs the first two: -4.21 -> -4.07 here).
+  Seen (keys 0-3) after 1, 2, 3, 4, 5 epochs: seed 0 (this test) 0.030, 0.045, 0.035, 0.117,
+  0.127; seeds 1 and 2 (a proxy for another machine's rounding) 0.118/0.103, 0.123/0.113,
+  0.139/0.155, 0.160/0.193, 0.168/0.191. Single keys scatter by ~0.03 around their mean; after 4
+  epochs every one of 8 keys rose by >= 0.069 (seed 0). LoRA (the paper's lr/clip, or lr 1e-3 or
+  1e-2 with clip 0.2) gave -0.001, -0.007, -0.028 after 4 epochs. Threshold 0.06: half the
+  smallest rise seen at 4 epochs.
   """
-  config = helpers.tiny_config(cache_dir, algorithm="tdpo_r", num_epochs=6)
-  config.lora.enabled = False
-  config.train.learning_rate = 1e-3
-  config.train.clip_range = 0.2
-  config.log.image_grid_every = 0
-  history = train.run(config, str(tmp_path))
-  rewards_per_epoch = [m["reward/mean"] for m in history]
-  assert np.mean(rewards_per_epoch[-2:]) > np.mean(rewards_per_epoch[:2]) + 0.05, rewards_per_epoch
+  trainer = _full_unet_trainer(cache_dir)
+  frozen = trainer.frozen_params()
+
+  def mean_rewards(state):
+    rows = []
+    for epoch in range(KEYS):
+      trajectory, prompt_index = trainer.sample(state, frozen, epoch)
+      rows.append(trainer.score_reward(trajectory.images,
+                                       [trainer.prompts[i] for i in prompt_index]))
+    return np.mean(rows, axis=1)
+
+  state = trainer.init_state()
+  before = mean_rewards(state)
+  history = []
+  for _ in range(EPOCHS):
+    state, metrics, *_ = trainer.run_epoch(state, frozen)
+    history.append(metrics["reward/mean"])
+  after = mean_rewards(state)
+  assert history[0] == pytest.approx(before[0], abs=1e-6)  # epoch 0 sampled the initial policy
+  rise = after - before
+  assert rise.mean() > 0.06, (rise, history)
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -138,10 +153,13 @@ def test_bad_config_is_a_clear_error_and_workdir_untouched(cache_dir, tmp_path, 
 
 def test_nan_reward_stops_with_clear_error(cache_dir, tmp_path):
   rewards.register("nan_reward", lambda images, prompts: np.full(len(images), np.nan))
-  config = helpers.tiny_config(cache_dir, reward="nan_reward", num_epochs=2)
+  # A Trainer of its own (the reward differs) on FULL_UNET: its kernels other than the reward
+  # (initial state, rollout, evaluation before training) are those of the tests above, which the
+  # persistent compilation cache then holds.
+  config = helpers.tiny_config(cache_dir, reward="nan_reward", num_epochs=2, **FULL_UNET)
   (tmp_path / "keep.txt").write_text("previous run")
   with pytest.raises(train.NonFiniteError, match="epoch 0: reward 'nan_reward' is NaN/inf"):
-    train.run(config, str(tmp_path))
+    train.run(config, str(tmp_path), trainer=helpers.shared_trainer(config))
   assert (tmp_path / "keep.txt").read_text() == "previous run"
   assert not (tmp_path / "metrics.jsonl").exists()
 
@@ -174,7 +192,7 @@ def test_summary_line_shows_eval_means_on_eval_epochs():
 
 def test_grpo_samples_groups_and_standardises_within_them(cache_dir):
   config = helpers.tiny_config(cache_dir, algorithm="grpo", **{"sample.group_size": 2})
-  trainer = train.Trainer(config)
+  trainer = helpers.shared_trainer(config)
   frozen, state = trainer.frozen_params(), trainer.init_state()
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
   groups = prompt_index.reshape(-1, 2)
