@@ -40,9 +40,12 @@ def _fast_config(cache_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def run_dir(cache_dir, tmp_path_factory):
+def run_dir(cache_dir, trainer_and_evaluator, tmp_path_factory):
+  """The tiny 2-epoch run, with the module's shared Trainer (its compiled kernels serve the
+  evaluator tests below too)."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  history = train.run(_fast_config(cache_dir), workdir)
+  trainer, _ = trainer_and_evaluator
+  history = train.run(_fast_config(cache_dir), workdir, trainer=trainer)
   return workdir, history
 
 
@@ -200,8 +203,14 @@ def _evaluator(config, trainer):
 
 @pytest.fixture(scope="module")
 def trainer_and_evaluator(cache_dir):
-  trainer = train.Trainer(_fast_config(cache_dir))
-  return trainer, _evaluator(trainer.config, trainer)
+  """One Trainer of `_fast_config` for the module (`helpers.shared_trainer`: the run above uses
+  it too) and one evaluator of it, whose jitted embedding and path-KL functions the other
+  evaluators of this module reuse (a fresh `jax.jit` would compile them again). The evaluator
+  gets `_fast_config` itself: a shared trainer's `config` may be another test's that differs in
+  eval.* (run-only keys)."""
+  config = _fast_config(cache_dir)
+  trainer = helpers.shared_trainer(config)
+  return trainer, _evaluator(config, trainer)
 
 
 def test_train_prompt_scores_are_the_jpeg_sizes(trainer_and_evaluator):
@@ -217,7 +226,7 @@ def test_train_prompt_scores_are_the_jpeg_sizes(trainer_and_evaluator):
                              sizes.std(), rtol=1e-4)
   np.testing.assert_allclose(metrics["eval/train_prompts/jpeg_compressibility/mean"],
                              -sizes.mean(), rtol=1e-5)
-  assert len(rows) == trainer.config.eval.num_prompts
+  assert len(rows) == evaluator.config.eval.num_prompts
 
 
 def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_evaluator):
@@ -227,7 +236,7 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   images_b, prompts_b, embeds_b, _ = evaluator.sample_heldout(state, frozen)
   # Before the first update the policy is the pre-trained model (LoRA B = 0): no KL.
   np.testing.assert_array_equal(kls_a, 0.0)
-  config = trainer.config
+  config = evaluator.config
   assert images_a.shape == (config.eval.num_prompts * config.eval.samples_per_prompt, 64, 64, 3)
   assert prompts_a == prompts_b
   np.testing.assert_array_equal(images_a, images_b)
@@ -235,18 +244,26 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   # Samples of one prompt differ (their keys do), so diversity is not trivially 0.
   assert np.abs(images_a[0] - images_a[1]).max() > 1e-3
   # 3 prompts x 2 samples = 6 rows: two rollouts of 4, the second padded. Chunk 0 holds the
-  # same prompts with the same key as above, so its rows are the same images.
-  padded_config = _fast_config(cache_dir, **{"eval.num_prompts": 3})
-  images_p, prompts_p, _, _ = _evaluator(padded_config, trainer).sample_heldout(
-      state, frozen)
-  assert images_p.shape[0] == 6 and prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
+  # same prompts with the same key as above, so its rows are the same images, embeddings and
+  # (zero) KLs. It reuses the module evaluator's jitted functions: the same shapes, no compile.
+  padded = _evaluator(_fast_config(cache_dir, **{"eval.num_prompts": 3}), trainer)
+  padded.jit_embed_images, padded.jit_path_kl = evaluator.jit_embed_images, evaluator.jit_path_kl
+  images_p, prompts_p, embeds_p, kls_p = padded.sample_heldout(state, frozen)
+  assert images_p.shape[0] == embeds_p.shape[0] == kls_p.shape[0] == 6
+  assert prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
   np.testing.assert_array_equal(images_p[:4], images_a)
-  # The same evaluation on a 2-device mesh: the rollout batch splits over both devices.
-  sharded = train.Trainer(_fast_config(cache_dir, num_devices=2))
+  np.testing.assert_array_equal(embeds_p[:4], embeds_a)
+  np.testing.assert_array_equal(kls_p, 0.0)
+  # The same evaluation on a 2-device mesh: the rollout batch splits over both devices. (Its
+  # path KL is not compared, so it is off there: one compilation less.)
+  sharded = helpers.shared_trainer(_fast_config(cache_dir, num_devices=2))
   assert sharded.mesh.devices.size == 2
-  sharded_eval = _evaluator(sharded.config, sharded)
-  images_c, _, embeds_c, _ = sharded_eval.sample_heldout(sharded.init_state(),
-                                                      sharded.frozen_params())
+  assert sharded.kernels.shardings.rows.num_devices == 2
+  sharded_eval = _evaluator(
+      _fast_config(cache_dir, num_devices=2, **{"eval.kl_to_pretrained": False}), sharded)
+  # The same state, placed on the 2-device mesh as the sharded trainer places its own.
+  sharded_state = jax.device_put(state, sharded.kernels.shardings.state)
+  images_c, _, embeds_c, _ = sharded_eval.sample_heldout(sharded_state, sharded.frozen_params())
   np.testing.assert_allclose(images_c, images_a, atol=1e-4)
   np.testing.assert_allclose(embeds_c, embeds_a, rtol=1e-3, atol=1e-4)
   assert jax.device_count() >= 2
@@ -259,16 +276,19 @@ def test_path_kl_is_the_sum_of_gaussian_kls(trainer_and_evaluator):
   from tdpo_jax import rollout  # pylint: disable=import-outside-toplevel
   trainer, evaluator = trainer_and_evaluator
   frozen = trainer.frozen_params()
-  leaves, treedef = jax.tree.flatten(frozen.unet)
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  policy_unet = jax.tree.unflatten(treedef, [
-      leaf + 1e-2 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+  # The perturbation drawn on the host (NumPy): with jax.random it cost a compilation per leaf
+  # shape eagerly (most of this test's time: 44 s, 8 s now), or ~70 s to compile as one jit.
+  rng = np.random.default_rng(3)
+  policy_unet = jax.device_put(
+      jax.tree.map(lambda leaf: (np.asarray(leaf) + 1e-2 * rng.standard_normal(
+          leaf.shape, np.float32)).astype(leaf.dtype), frozen.unet),
+      jax.tree.map(lambda leaf: leaf.sharding, frozen.unet))
   params = trainer.rollout_params(trainer.init_state(), frozen).replace(unet=policy_unet)
   trajectory = trainer.rollout_prompts(params, ["a cat", "a dog", "a cat", "a fox"],
                                        jax.random.key(4))
   kl = np.asarray(evaluator.jit_path_kl(policy_unet, frozen.unet, trajectory,
                                         frozen.uncond_embeds))
-  config, pipeline = trainer.config, trainer.models.frozen_pipeline
+  config, pipeline = evaluator.config, trainer.models.frozen_pipeline
   alphas = ddim.alphas_cumprod(pipeline.scheduler_config)
   expected = np.zeros(kl.shape, np.float64)
 

@@ -30,18 +30,17 @@ def test_normalised_step_moves_each_sample_by_the_learning_rate():
 
 
 @pytest.fixture(scope="module")
-def reduced(tmp_path_factory):
-  from tdpo_jax import train  # pylint: disable=import-outside-toplevel
+def reduced(cache_dir):
   config = helpers.load_config("shapes", "algorithm=ddpo")
   config.num_devices = 1
   config.log.progress = False
-  config.pretrained.cache_dir = str(tmp_path_factory.mktemp("cache"))
+  config.pretrained.cache_dir = str(cache_dir)
   config.sample.num_steps = 2
   config.sample.batch_size = 8
   config.sample.num_batches_per_epoch = 1
   config.eval.samples_per_prompt = 2
   config.train.gradient_accumulation_steps = 1
-  return train.Trainer(config), _probe().differentiable_reward(config)
+  return helpers.shared_trainer(config), _probe().differentiable_reward(config)
 
 
 def test_ascent_climbs_the_reward_one_step_length_at_a_time(reduced):

@@ -125,25 +125,33 @@ def test_batch_not_divisible_is_a_clear_error(tmp_path, key, value, message):
 
 # ------------------------------------------------------------------ sharded == one device
 def _equivalence_config(cache_dir, mesh_config, num_devices):
-  config = helpers.tiny_config(cache_dir, algorithm="tdpo_r", mesh=mesh_config,
-                               num_devices=num_devices)
+  """One rollout batch of 8 samples, 4 DDIM steps, one optimizer step of 2 micro-batches of 8,
+  with `helpers.EXACT` (critic dropout off, Adam eps 1e-6: a gradient entry that is float
+  rounding noise around 0 cannot flip its parameter's first Adam step)."""
+  config = helpers.tiny_config(cache_dir, mesh=mesh_config, num_devices=num_devices,
+                               **helpers.EXACT)
   config.sample.num_steps = 4
   config.sample.batch_size = 8
   config.sample.num_batches_per_epoch = 1
   config.train.batch_size = 8
   config.train.gradient_accumulation_steps = 2
-  config.critic.dropout_rates = (0.0, 0.0, 0.0, 0.0)
   return config
 
 
 def _first_train_batch(trainer, state, frozen, trajectory, prompt_index):
-  """The epoch's first optimizer-step batch (k, M, ...) as host arrays."""
-  batches = helpers.epoch_batches(trainer, state, frozen, trajectory, prompt_index)
+  """The epoch's first optimizer-step batch (k, M, ...) as host arrays, made by the trainer's
+  own `prepare` kernel (reward, normalisation, critic values, advantages, gather), as
+  `run_epoch` makes it."""
+  prompts = [trainer.prompts[i] for i in prompt_index]
+  reward = np.asarray(trainer.score_reward(trajectory.images, prompts), np.float32)
+  host_inputs = sharding.replicate_host((np.asarray(prompt_index, np.int32), reward),
+                                        trainer.mesh)
+  _, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
   return jax.tree.map(lambda x: np.asarray(x[0]), batches)
 
 
 def _sharded_run(config, batch=None):
-  trainer = train.Trainer(config)
+  trainer = helpers.shared_trainer(config)
   frozen, state = trainer.frozen_params(), trainer.init_state()
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
   if batch is None:
@@ -156,9 +164,8 @@ def _sharded_run(config, batch=None):
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory):
-  cache_dir = tmp_path_factory.mktemp("models")
-  return cache_dir, _sharded_run(_equivalence_config(cache_dir, _mesh_config(1, 1), 1))
+def one_device(cache_dir):
+  return _sharded_run(_equivalence_config(cache_dir, _mesh_config(1, 1), 1))
 
 
 def _relative_error(actual, expected):
@@ -189,8 +196,8 @@ def _flat(tree):
 
 
 @pytest.mark.parametrize("data,fsdp", [(2, 4), (1, 8)])
-def test_sharded_rollout_and_train_step_equal_one_device(one_device, data, fsdp):
-  cache_dir, (_, trajectory_1, batch, state_1, metrics_1) = one_device
+def test_sharded_rollout_and_train_step_equal_one_device(cache_dir, one_device, data, fsdp):
+  _, trajectory_1, batch, state_1, metrics_1 = one_device
   config = _equivalence_config(cache_dir, _mesh_config(data, fsdp), -1)
   trainer, trajectory, _, state, metrics = _sharded_run(config, batch)
   assert dict(trainer.mesh.shape) == {"data": data, "fsdp": fsdp}
