@@ -38,5 +38,7 @@ setuptools.setup(
     # diffusers (PyTorch UNet2DConditionModel / AutoencoderKL) likewise: the reference of the
     # model parity tests only.
     extras_require={"test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "torch==2.13.0",
-                             "diffusers==0.42.1"]},
+                             "diffusers==0.42.1"],
+                    # gs:// workdirs: etils.epath's GCS filesystem and orbax's bucket check.
+                    "gcs": ["gcsfs==2026.10.1", "google-cloud-storage==3.17.1"]},
 )

@@ -109,9 +109,14 @@ run() {
   fi
 }
 
-# The remote command line of every worker: install, then train.
+# The remote command line of every worker: install, then train. A gs:// workdir needs the
+# package's `gcs` extra (etils.epath's GCS filesystem, orbax's bucket check) on every worker.
+package="."
+if [[ "$workdir" == gs://* ]]; then
+  package="'.[gcs]'"
+fi
 install_cmd="mkdir -p ~/tdpo_jax && tar -xzf ~/tdpo_jax.tar.gz -C ~/tdpo_jax \
-&& cd ~/tdpo_jax && python3 -m pip install -q -e . \
+&& cd ~/tdpo_jax && python3 -m pip install -q -e ${package} \
 && python3 -m pip install -q 'jax[tpu]==${jax_version}' \
 -f https://storage.googleapis.com/jax-releases/libtpu_releases.html"
 train_cmd="cd ~/tdpo_jax && python3 -m tdpo_jax.main --distributed \

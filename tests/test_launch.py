@@ -71,3 +71,22 @@ def test_tpu_missing_argument_is_a_clear_error():
   result = _dry_run("--name", "pod", "--dry-run")
   assert result.returncode == 2
   assert result.stderr.strip() == "error: --zone is required"
+
+
+def _install_line(result):
+  lines = [line for line in result.stdout.splitlines()
+           if line.startswith("gcloud compute tpus tpu-vm ssh") and "pip install" in line]
+  assert len(lines) == 1, result.stdout
+  return lines[0]
+
+
+def test_tpu_bucket_workdir_installs_the_gcs_extra():
+  """A gs:// workdir needs gcsfs (epath) and google-cloud-storage (orbax) on every worker: the
+  install line asks for the package's `gcs` extra then, and only then."""
+  common = ("--name", "pod", "--zone", "us-west4-a", "--accelerator", "v4-8", "--dry-run")
+  bucket = _dry_run(*common, "--workdir", "gs://my-bucket/run")
+  local = _dry_run(*common, "--workdir", "/tmp/run")
+  assert bucket.returncode == 0 and local.returncode == 0, bucket.stderr + local.stderr
+  assert "pip install -q -e '\\''.[gcs]'\\'' &&" in _install_line(bucket)
+  assert "pip install -q -e . &&" in _install_line(local)
+  assert "gcs" not in _install_line(local)
