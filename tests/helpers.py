@@ -68,6 +68,23 @@ def tiny_rollout_inputs(cache_dir, num_prompts=4):
   return config, pipeline, params, input_ids, uncond_ids
 
 
+def prepare_epoch(trainer, state, frozen, trajectory, prompt_index):
+  """The sampled epoch's rewards and the trainer's `prepare` kernel on them, called as
+  `Trainer.run_epoch` calls it (the same compiled executable).
+
+  Returns:
+    (host rewards (N,) float32, `prepare`'s (normaliser, batches, probe, metrics)).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from tdpo_jax import sharding  # pylint: disable=import-outside-toplevel
+  reward = np.asarray(trainer.score_reward(trajectory.images,
+                                           [trainer.prompts[i] for i in prompt_index]),
+                      np.float32)
+  host_inputs = sharding.replicate_host((np.asarray(prompt_index, np.int32), reward),
+                                        trainer.mesh)
+  return reward, trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
+
+
 def epoch_batches(trainer, state, frozen, trajectory, prompt_index):
   """The phases of `epoch.prepare` done one by one, eagerly, with the transitions gathered by
   Python loops over the documented timestep-outer order (an independent reference for the

@@ -23,31 +23,23 @@ import pytest
 
 from tdpo_jax import epoch
 from tdpo_jax import objectives
-from tdpo_jax import sharding as sharding_lib
 from tdpo_jax import train
 from tests import helpers
 
 
 class Epoch0(NamedTuple):
-  """Epoch 0 of the shared `helpers.EXACT` Trainer: its samples, rewards and `prepare`'s outputs
-  (the same `prepare` executable as test_ddpo_equals_tdpo_with_zero_critic's tdpo side)."""
+  """Epoch 0 of the shared `helpers.EXACT` Trainer: its samples and `prepare`'s outputs
+  (the same `prepare` executable as test_ddpo_equals_tdpo_with_zero_critic's tdpo side,
+  called by `helpers.prepare_epoch`)."""
   trainer: train.Trainer
   frozen: Any
   state: Any  # the initial state: never pass it to a kernel that donates it
   trajectory: Any
   prompt_index: np.ndarray
-  reward: np.ndarray
   normaliser: Any
   batches: Any
   probe: Any
   metrics: dict
-
-
-def _prepare(trainer, state, frozen, trajectory, prompt_index, reward):
-  """The `prepare` kernel called as `run_epoch` calls it (the same compiled executable)."""
-  host_inputs = sharding_lib.replicate_host((np.asarray(prompt_index, np.int32), reward),
-                                            trainer.mesh)
-  return trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +47,8 @@ def epoch0(cache_dir):
   trainer = helpers.shared_trainer(helpers.tiny_config(cache_dir, **helpers.EXACT))
   frozen, state = trainer.frozen_params(), trainer.init_state()
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
-  reward = np.asarray(trainer.score_reward(trajectory.images,
-                                           [trainer.prompts[i] for i in prompt_index]),
-                      np.float32)
-  return Epoch0(trainer, frozen, state, trajectory, prompt_index, reward,
-                *_prepare(trainer, state, frozen, trajectory, prompt_index, reward))
+  _, prepared = helpers.prepare_epoch(trainer, state, frozen, trajectory, prompt_index)
+  return Epoch0(trainer, frozen, state, trajectory, prompt_index, *prepared)
 
 
 def _close(a, b, rtol=1e-5, atol=1e-6):
@@ -158,10 +147,8 @@ def _epoch_update(trainer, state, frozen):
     (host rewards (N,), the state after the S updates).
   """
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
-  reward = np.asarray(trainer.score_reward(trajectory.images,
-                                           [trainer.prompts[i] for i in prompt_index]),
-                      np.float32)
-  normaliser, batches, _, _ = _prepare(trainer, state, frozen, trajectory, prompt_index, reward)
+  reward, (normaliser, batches, _, _) = helpers.prepare_epoch(trainer, state, frozen, trajectory,
+                                                              prompt_index)
   key = epoch.train_updates_key(state.rng, 0)
   state = state.replace(normaliser=normaliser)
   for update in range(batches.latents.shape[0]):
@@ -198,8 +185,8 @@ def test_embed_train_timesteps_only(cache_dir, epoch0):
   config.train.timestep_fraction = 0.5
   config.critic.embed_train_timesteps_only = True
   trainer = helpers.shared_trainer(config)
-  _, batches, _, _ = _prepare(trainer, state, frozen, epoch0.trajectory, epoch0.prompt_index,
-                              epoch0.reward)
+  _, (_, batches, _, _) = helpers.prepare_epoch(trainer, state, frozen, epoch0.trajectory,
+                                                epoch0.prompt_index)
   embeds = full.embed_states(frozen, epoch0.trajectory)  # all N T states
   sample_index, step_index = epoch.train_indices(state.rng, 0, len(epoch0.prompt_index),
                                                  config.sample.num_steps, 5)

@@ -142,11 +142,7 @@ def _first_train_batch(trainer, state, frozen, trajectory, prompt_index):
   """The epoch's first optimizer-step batch (k, M, ...) as host arrays, made by the trainer's
   own `prepare` kernel (reward, normalisation, critic values, advantages, gather), as
   `run_epoch` makes it."""
-  prompts = [trainer.prompts[i] for i in prompt_index]
-  reward = np.asarray(trainer.score_reward(trajectory.images, prompts), np.float32)
-  host_inputs = sharding.replicate_host((np.asarray(prompt_index, np.int32), reward),
-                                        trainer.mesh)
-  _, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
+  _, (_, batches, _, _) = helpers.prepare_epoch(trainer, state, frozen, trajectory, prompt_index)
   return jax.tree.map(lambda x: np.asarray(x[0]), batches)
 
 

@@ -19,7 +19,6 @@ import pytest
 from tdpo_jax import config_checks
 from tdpo_jax import metrics_writer
 from tdpo_jax import rewards
-from tdpo_jax import sharding as sharding_lib
 from tdpo_jax import train
 from tests import helpers
 
@@ -40,13 +39,9 @@ def test_first_microbatch_ratio_is_one(cache_dir):
   trainer = _full_unet_trainer(cache_dir)
   frozen, state = trainer.frozen_params(), trainer.init_state()
   trajectory, prompt_index = trainer.sample(state, frozen, 0)
-  reward = np.asarray(trainer.score_reward(trajectory.images,
-                                           [trainer.prompts[i] for i in prompt_index]),
-                      np.float32)
   # The epoch's kernels called as `run_epoch` calls them: the executables the runs below use.
-  host_inputs = sharding_lib.replicate_host((np.asarray(prompt_index, np.int32), reward),
-                                            trainer.mesh)
-  normaliser, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, *host_inputs)
+  _, (normaliser, batches, _, _) = helpers.prepare_epoch(trainer, state, frozen, trajectory,
+                                                         prompt_index)
   _, metrics = trainer.kernels.train_epoch(state.replace(normaliser=normaliser), frozen, batches)
   ratio, clipfrac, approx_kl = (np.asarray(metrics[f"policy/{name}"])
                                 for name in ("ratio", "clipfrac", "approx_kl"))
