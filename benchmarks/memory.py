@@ -35,31 +35,6 @@ flags.mark_flags_as_required(["config"])
 # This checkout's package first, not an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# Architectures of runwayml/stable-diffusion-v1-5 (unet/, vae/, text_encoder/ config.json) and
-# the critic's openai/clip-vit-large-patch14 vision tower.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
-SD15_TEXT = dict(
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-    layer_norm_eps=1e-5)
-CLIP_L14_VISION = dict(
-    image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
-    num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
-SD15_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
-    timestep_spacing="leading")
-
-
 def abstract_pipeline(spec):
   """A `Pipeline` whose params are ShapeDtypeStructs (no weights), from architecture dicts."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -111,12 +86,10 @@ def main(argv):
   from tdpo_jax import rollout  # pylint: disable=g-import-not-at-top
   from tdpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.configs import sd15  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value.copy_and_resolve_references()
-  if config.pretrained.get("tiny"):
-    spec = config.pretrained.tiny
-  else:
-    spec = dict(unet=SD15_UNET, vae=SD15_VAE, text_encoder=SD15_TEXT,
-                image_encoder=CLIP_L14_VISION, scheduler=SD15_SCHEDULER)
+  # The config's random-model architecture, else SD 1.5's (a real pipeline's is not read).
+  spec = config.pretrained.get("tiny") or sd15.sd15_architecture()
   axes = []
   for item in _MESH.value.split(","):
     name, _, size = item.partition("=")

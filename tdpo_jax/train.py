@@ -274,7 +274,10 @@ def summary_line(metrics):
   evaluated = eval_summary(metrics)
   if evaluated:
     parts.append(evaluated)
-  parts.append(f"{metrics['time/epoch_s']:.1f} s")
+  seconds = f"{metrics['time/epoch_s']:.1f} s"
+  if "time/eval_s" in metrics:  # evaluation runs after the epoch, outside its time
+    seconds += f" + eval {metrics['time/eval_s']:.1f} s"
+  parts.append(seconds)
   return " | ".join(parts)
 
 

@@ -177,9 +177,9 @@ def test_summary_line_shows_eval_means_on_eval_epochs():
                   " | 12.3 s")
   metrics.update({"eval/heldout/shapes_proxy/mean": 0.5, "eval/heldout/shapes_proxy/std": 0.1,
                   "eval/heldout/shapes_gold/mean": 0.25, "eval/heldout/kl_to_pretrained": 3.0,
-                  "eval/train_prompts/shapes_gold/mean": 0.75})
+                  "eval/train_prompts/shapes_gold/mean": 0.75, "time/eval_s": 4.56})
   assert train.summary_line(metrics).endswith(
-      " | eval shapes_gold 0.2500 shapes_proxy 0.5000 | 12.3 s")
+      " | eval shapes_gold 0.2500 shapes_proxy 0.5000 | 12.3 s + eval 4.6 s")
   metrics.update({"critic/value_loss": 0.25, "critic/explained_variance": 0.0625,
                   "critic/explained_variance/late": 0.5})
   assert " | value loss 0.2500 ev +0.062 late +0.500 | " in train.summary_line(metrics)

@@ -12,7 +12,10 @@ The optional argument string is a comma-separated list of `key=value` presets:
       evaluates on hpsv2_photo_eval. Every run is scored by all four of the paper's rewards
       (aesthetic, PickScore, HPSv2, ImageReward: cross-reward evaluation, `eval.*`), so
       overoptimisation of the trained one shows;
-  sd14  Stable Diffusion 1.4 instead of 1.5.
+  sd14  Stable Diffusion 1.4 instead of 1.5;
+  random  the SD 1.5 (and CLIP-L/14 critic tower) architectures with deterministic random
+      weights ("tiny:0" built from `sd15_architecture()`, ~9 GB on disk), the JPEG reward and no
+      evaluation: runs offline, for speed and memory measurements (benchmarks/accelerator.py).
 """
 import ml_collections
 
@@ -37,7 +40,7 @@ PAPER_PROMPTS = {
 
 
 def get_config(arg=None):
-  args = parse_arg(arg, algorithm="tdpo_r", reward="aesthetic", sd14=False)
+  args = parse_arg(arg, algorithm="tdpo_r", reward="aesthetic", sd14=False, random=False)
   if args.reward not in PAPER_PROMPTS:
     raise ValueError(f"unknown reward preset {args.reward!r}; expected one of "
                      f"{sorted(PAPER_PROMPTS)} (other rewards: --config.reward=NAME)")
@@ -227,4 +230,41 @@ def get_config(arg=None):
   c.log.wandb.project = "tdpo_jax"
   c.log.wandb.entity = ""
   c.log.wandb.name = ""
+  if args.random:
+    c.pretrained.model = "tiny:0"
+    c.pretrained.image_encoder = ""  # the random pipeline's own image_encoder/
+    c.pretrained.tiny = sd15_architecture()
+    c.reward = "jpeg_compressibility"  # no reward weights offline
+    c.eval.every = 0
+    c.eval.before_training = False
   return c
+
+
+def sd15_architecture():
+  """runwayml/stable-diffusion-v1-5's UNet, VAE and CLIP-L text encoder (their config.json) and
+  the critic's openai/clip-vit-large-patch14 vision tower, in the `pretrained.tiny` spec format
+  (configs/tiny.py `tiny_model_spec()`): what `benchmarks/memory.py` compiles abstractly and the
+  `random` preset builds with random weights."""
+  spec = ml_collections.ConfigDict()
+  spec.unet = dict(
+      sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+      block_out_channels=(320, 640, 1280, 1280),
+      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+      up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+      cross_attention_dim=768, attention_head_dim=8)
+  spec.vae = dict(
+      in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+      down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+      layers_per_block=2, norm_num_groups=32, sample_size=512, scaling_factor=0.18215)
+  spec.text_encoder = dict(
+      vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+      layer_norm_eps=1e-5)
+  spec.image_encoder = dict(
+      image_size=224, patch_size=14, hidden_size=1024, intermediate_size=4096,
+      num_hidden_layers=24, num_attention_heads=16, projection_dim=768)
+  spec.scheduler = dict(
+      num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+      prediction_type="epsilon", timestep_spacing="leading")
+  return spec
