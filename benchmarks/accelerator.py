@@ -1,15 +1,16 @@
 """The SD 1.5-shaped epoch on a GPU or TPU: seconds and MFU per phase, peak device memory, and the
-memory analysis of the full-size train step, in one command (sized for under 8 minutes).
+memory analysis of the full-size train step, in one command (meant to fit in 8 minutes; not yet
+run on an accelerator).
 
   python benchmarks/accelerator.py [--modes=lora,full] [--samples=16] [--steps=50] \\
       [--micro_batches=1,2] [--workdir=/tmp/tdpo_accelerator] [--dry_run]
 
 Random weights of the SD 1.5 architectures (`configs/sd15.py:random`: UNet, VAE, CLIP-L text
-encoder, the critic's CLIP-L/14 tower; built once into `--workdir`, ~9 GB), 512 x 512, the
-JPEG reward. Per mode (LoRA rank 4, full fine-tuning), one subprocess of `benchmarks/epoch.py
---json` times a reduced TDPO-R epoch of `--samples` samples x `--steps` DDIM steps (two sample
-batches; micro-batch 1 per device; the critic embeds in chunks of 16 per device) after one
-warm-up epoch, with XLA's FLOP counts and the chip's bf16 data-sheet peak (MFU) and the device's
+encoder, the critic's CLIP-L/14 tower; built once into `--workdir`: 1.37 B parameters in two
+weight formats, ~11 GB), 512 x 512, the JPEG reward. Per mode (LoRA rank 4, full
+fine-tuning), one subprocess of `benchmarks/epoch.py --json` times a reduced TDPO-R epoch of
+`--samples` samples x `--steps` DDIM steps (two sample batches; micro-batch 1 per device; the
+critic embeds in chunks of 16 per device) after one warm-up epoch, with XLA's FLOP counts and the chip's bf16 data-sheet peak (MFU) and the device's
 peak memory. Then `benchmarks/memory.py` compiles the full-size train step (one optimizer step of
 one micro-batch per device) for each of `--micro_batches` per device and prints XLA's
 `memory_analysis()`. The subprocesses each own the accelerator in turn (no JAX in this process).

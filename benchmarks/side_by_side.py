@@ -144,7 +144,8 @@ def format_tables(official, ours, epochs):
       lines.append(f"{label:44s} {theirs:10.3f} {value:8.3f} {ratio}")
     compile_s = mine["compile_s"]
     lines.append("ours, compile (AOT, not in the epoch): " + ", ".join(
-        f"{k} {v:.1f} s" for k, v in compile_s.items()) + f"; total {sum(compile_s.values()):.1f} s")
+        f"{k} {v:.1f} s" for k, v in compile_s.items())
+                 + f"; total {sum(compile_s.values()):.1f} s")
     lines.append(f"peak RSS: official {result['peak_rss_mib']:.0f} MiB, ours "
                  f"{ours['peak_rss_mib']:.0f} MiB (whole benchmark process)")
     lines.append(f"RATIO {algorithm} epoch, ours / official: "

@@ -14,8 +14,9 @@ The optional argument string is a comma-separated list of `key=value` presets:
       overoptimisation of the trained one shows;
   sd14  Stable Diffusion 1.4 instead of 1.5;
   random  the SD 1.5 (and CLIP-L/14 critic tower) architectures with deterministic random
-      weights ("tiny:0" built from `sd15_architecture()`, ~9 GB on disk), the JPEG reward and no
-      evaluation: runs offline, for speed and memory measurements (benchmarks/accelerator.py).
+      weights ("tiny:0" built from `sd15_architecture()`: 1.37 B parameters, ~11 GB on disk),
+      the JPEG reward and no evaluation: runs offline, for speed and memory measurements
+      (benchmarks/accelerator.py).
 """
 import ml_collections
 
