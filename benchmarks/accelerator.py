@@ -13,7 +13,8 @@ fine-tuning), one subprocess of `benchmarks/epoch.py --json` times a reduced TDP
 critic embeds in chunks of 16 per device) after one warm-up epoch, with XLA's FLOP counts, the
 chip's bf16 data-sheet peak (MFU) and the device's peak memory. Then `benchmarks/memory.py`
 compiles the full-size train step (one optimizer step of one micro-batch per device) for each of
-`--micro_batches` per device and prints XLA's `memory_analysis()`. The subprocesses each own the accelerator in turn (no JAX in this process).
+`--micro_batches` per device and prints XLA's `memory_analysis()`. The subprocesses each own the
+accelerator in turn (no JAX in this process).
 
 On a CPU it refuses to run (the shapes would take hours) unless `--allow_cpu`; `--dry_run`
 prints the commands only.
