@@ -15,8 +15,10 @@ thread budget (`--threads`, default all cores).
 
 Prints the official per-epoch rows, then one table: phase, official seconds, ours, ratio (ours /
 official), medians over the epochs after the first (official) and the timed epochs after the
-warm-up (ours; compilation excluded, reported apart). Machines of one kind differ by up to 2x:
-only a ratio measured in one invocation, on an idle machine, is comparable.
+warm-up (ours; compilation excluded, reported apart). Machines of one kind differ by up to 2x,
+and one machine's speed can drift within minutes: only a ratio measured in one invocation, on an
+idle machine, is comparable; `--repeats=N` runs N official-then-ours pairs and prints the median
+of their ratios.
 """
 import json
 import os
@@ -37,6 +39,9 @@ _DDPO = flags.DEFINE_bool("ddpo", False, "Also time DDPO (official: TDPO with th
 _THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "Threads each side may use.")
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "tdpo_side_by_side"),
                                "Where the tiny PyTorch pipeline, logs and result JSONs go.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 1, "Official-then-ours pairs; the ratio is the median of the pairs' ratios (a "
+    "machine whose speed drifts during the run then moves both sides of a pair alike).")
 _OUT = flags.DEFINE_string("out", None, "Optional: write both sides' results here as JSON.")
 flags.mark_flags_as_required(["official_src", "official_python"])
 
@@ -67,6 +72,8 @@ def _check_inputs():
   if not (os.path.isfile(_PYTHON.value) and os.access(_PYTHON.value, os.X_OK)):
     _fail(f"--official_python={_PYTHON.value!r} is not an executable; expected the python of a "
           "venv made by benchmarks/official/make_venv.sh")
+  if _REPEATS.value < 1:
+    _fail(f"--repeats={_REPEATS.value}: expected >= 1")
   if _EPOCHS.value < 2:
     _fail(f"--epochs={_EPOCHS.value}: expected >= 2 (the first epoch is warm-up)")
   if not 1 <= _THREADS.value <= os.cpu_count():
@@ -153,22 +160,44 @@ def format_tables(official, ours, epochs):
   return "\n".join(lines)
 
 
+def epoch_ratios(pairs):
+  """{algorithm: [ours / official epoch seconds, one per (official, ours) pair]}."""
+  ratios = {}
+  for official, ours in pairs:
+    by_algorithm = {r["algorithm"]: r for r in ours["results"]}
+    for algorithm, result in official.items():
+      ratios.setdefault(algorithm, []).append(
+          by_algorithm[algorithm]["seconds"]["epoch"] / result["seconds"]["total"])
+  return ratios
+
+
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; flags are --name=value")
   _check_inputs()
   os.makedirs(_WORKDIR.value, exist_ok=True)
   algorithms = ["tdpo_r", "ddpo"] if _DDPO.value else ["tdpo_r"]
-  official = {}
-  for algorithm in algorithms:
-    official[algorithm] = run_official(algorithm, _WORKDIR.value)
-  print("official patches (model loading only):\n  " + "\n  ".join(
-      official["tdpo_r"]["patches"]), flush=True)
-  ours = run_ours(algorithms, _WORKDIR.value)
-  print(format_tables(official, ours, _EPOCHS.value))
+  pairs = []
+  for repeat in range(_REPEATS.value):
+    if _REPEATS.value > 1:
+      print(f"\n### pair {repeat + 1} of {_REPEATS.value}", flush=True)
+    official = {}
+    for algorithm in algorithms:
+      official[algorithm] = run_official(algorithm, _WORKDIR.value)
+    if not repeat:
+      print("official patches (model loading only):\n  " + "\n  ".join(
+          official["tdpo_r"]["patches"]), flush=True)
+    ours = run_ours(algorithms, _WORKDIR.value)
+    print(format_tables(official, ours, _EPOCHS.value), flush=True)
+    pairs.append((official, ours))
+  if _REPEATS.value > 1:
+    for algorithm, ratios in epoch_ratios(pairs).items():
+      print(f"\nRATIO {algorithm} epoch over {len(ratios)} pairs: "
+            + ", ".join(f"{r:.2f}" for r in ratios) + f"; median {statistics.median(ratios):.2f}")
   if _OUT.value:
     with open(_OUT.value, "w") as file:
-      json.dump({"official": official, "ours": ours}, file, indent=1)
+      json.dump([{"official": official, "ours": ours} for official, ours in pairs], file,
+                indent=1)
 
 
 if __name__ == "__main__":

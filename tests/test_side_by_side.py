@@ -6,8 +6,14 @@ import sys
 from tests import helpers
 
 
+_SCRIPT = []
+
+
 def _script():
-  return helpers.load_script("benchmarks/side_by_side.py", "side_by_side")
+  """The script as a module, loaded once (its absl flags can be defined once per process)."""
+  if not _SCRIPT:
+    _SCRIPT.append(helpers.load_script("benchmarks/side_by_side.py", "side_by_side"))
+  return _SCRIPT[0]
 
 
 def test_table_divides_ours_by_the_official_median():
@@ -39,3 +45,12 @@ def test_missing_checkout_is_a_one_line_error(tmp_path):
   assert result.stderr.strip() == (
       f"error: --official_src={str(tmp_path)!r}: no scripts/train_tdpo.py there; expected a "
       "checkout of github.com/ZiyiZhang27/tdpo")
+
+
+def test_ratios_pair_each_official_run_with_the_ours_that_follows_it():
+  bench = _script()
+  official = lambda total: {"tdpo_r": {"seconds": {"total": total}}}
+  ours = lambda epoch: {"results": [{"algorithm": "tdpo_r", "seconds": {"epoch": epoch}}]}
+  # A machine that slows down 2x between the pairs: each pair's ratio is still 0.5.
+  assert bench.epoch_ratios([(official(4.0), ours(2.0)), (official(8.0), ours(4.0))]) == {
+      "tdpo_r": [0.5, 0.5]}
