@@ -2,7 +2,7 @@
 
   bash benchmarks/official/make_venv.sh /tmp/tdpo_official_venv     # once: the official pins
   python benchmarks/side_by_side.py --official_src=/path/to/tdpo \\
-      --official_python=/tmp/tdpo_official_venv/bin/python [--epochs=3] [--ddpo]
+      --official_python=/tmp/tdpo_official_venv/bin/python [--epochs=3] [--repeats=3] [--ddpo]
 
 `--official_src` is a checkout of github.com/ZiyiZhang27/tdpo (the harness was written against
 e9c58cf); nothing of it is in this repo. `benchmarks/official/run_official.py` runs its training
