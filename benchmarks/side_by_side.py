@@ -86,8 +86,8 @@ def _run(command, env, log_path):
     done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
   if done.returncode != 0:
     with open(log_path) as log:
-      tail = log.read()[-3000:]
-    sys.exit(f"{command[1]} exited {done.returncode} (log: {log_path}):\n{tail}")
+      last = (log.read().strip().splitlines() or [""])[-1]
+    _fail(f"{os.path.basename(command[1])} exited {done.returncode} (log: {log_path}): {last}")
 
 
 def run_official(algorithm, workdir):
