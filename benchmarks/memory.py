@@ -35,31 +35,6 @@ flags.mark_flags_as_required(["config"])
 # This checkout's package first, not an installed copy.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-def abstract_pipeline(spec):
-  """A `Pipeline` whose params are ShapeDtypeStructs (no weights), from architecture dicts."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from tdpo_jax.models import image_encoder as image_encoder_lib  # pylint: disable=g-import-not-at-top
-  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
-  from tdpo_jax.models import unet as unet_lib  # pylint: disable=g-import-not-at-top
-  from tdpo_jax.models import vae as vae_lib  # pylint: disable=g-import-not-at-top
-  rng = jax.random.key(0)
-  unet = unet_lib.from_diffusers_config(dict(spec["unet"]))
-  vae_config = dict(spec["vae"])
-  scaling = vae_config.pop("scaling_factor", 0.18215)
-  vae = vae_lib.from_diffusers_config(vae_config)
-  text = pipeline_lib.text_encoder_module(dict(spec["text_encoder"]))
-  vision = dict(spec["image_encoder"])
-  encoder = image_encoder_lib.ImageEncoder(config=vision, resize_size=vision["image_size"],
-                                           crop_size=vision["image_size"])
-  return pipeline_lib.Pipeline(
-      unet=unet, unet_params=jax.eval_shape(unet.init_weights, rng),
-      vae=vae, vae_params=jax.eval_shape(vae.init_weights, rng),
-      text_encoder=text,
-      text_encoder_params=jax.eval_shape(pipeline_lib.text_encoder_init_fn(text), rng),
-      tokenizer=None, scheduler_config=dict(spec["scheduler"]), image_encoder=encoder,
-      image_encoder_params=jax.eval_shape(encoder.init_weights, rng),
-      vae_scaling_factor=scaling)
-
 
 def _report(name, compiled, budget_gib, seconds):
   stats = compiled.memory_analysis()
@@ -87,6 +62,7 @@ def main(argv):
   from tdpo_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
   from tdpo_jax.configs import sd15  # pylint: disable=g-import-not-at-top
+  from tdpo_jax.models import pipeline as pipeline_lib  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value.copy_and_resolve_references()
   # The config's random-model architecture, else SD 1.5's (a real pipeline's is not read).
   spec = config.pretrained.get("tiny") or sd15.sd15_architecture()
@@ -108,7 +84,7 @@ def main(argv):
         f"micro-batch {config.train.batch_size} x {_ACCUM.value}; remat {config.train.remat}; "
         f"precision policy={config.precision.policy} frozen={config.precision.frozen}")
 
-  pipeline = abstract_pipeline(spec)
+  pipeline = pipeline_lib.abstract_pipeline(spec)
   text_width = spec["text_encoder"]["hidden_size"]
   length = spec["text_encoder"]["max_position_embeddings"]
   # The trainer's own kernels (kernels.py), declared on the abstract pipeline: the same

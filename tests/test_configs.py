@@ -61,27 +61,15 @@ def test_random_preset_builds_the_published_sd15_sizes():
   preset runs offline (a "tiny:" model, a weight-free reward, no evaluation)."""
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from tdpo_jax.models import image_encoder  # pylint: disable=import-outside-toplevel
   from tdpo_jax.models import pipeline  # pylint: disable=import-outside-toplevel
-  from tdpo_jax.models import unet  # pylint: disable=import-outside-toplevel
-  from tdpo_jax.models import vae  # pylint: disable=import-outside-toplevel
   config = helpers.load_config("sd15", "random")
   config_checks.validate_config(config)
   assert config.pretrained.model == "tiny:0" and config.eval.every == 0
   assert config.reward == "jpeg_compressibility"
-  spec = config.pretrained.tiny
-  rng = jax.random.key(0)
+  abstract = pipeline.abstract_pipeline(config.pretrained.tiny)  # what memory.py compiles
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
-  vae_config = dict(spec.vae)
-  vae_config.pop("scaling_factor")
-  text = pipeline.text_encoder_module(dict(spec.text_encoder))
-  vision = dict(spec.image_encoder)
-  encoder = image_encoder.ImageEncoder(config=vision, resize_size=vision["image_size"],
-                                       crop_size=vision["image_size"])
-  counts = {
-      "unet": count(jax.eval_shape(unet.from_diffusers_config(dict(spec.unet)).init_weights, rng)),
-      "vae": count(jax.eval_shape(vae.from_diffusers_config(vae_config).init_weights, rng)),
-      "text": count(jax.eval_shape(pipeline.text_encoder_init_fn(text), rng)),
-      "vision": count(jax.eval_shape(encoder.init_weights, rng))}
+  counts = {"unet": count(abstract.unet_params), "vae": count(abstract.vae_params),
+            "text": count(abstract.text_encoder_params),
+            "vision": count(abstract.image_encoder_params)}
   assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text": 123_060_480,
                     "vision": 303_966_208}

@@ -300,6 +300,33 @@ def load_image_encoder(directory, cache_dir=""):
   return module, _load_clip_component(directory, module, module.init_weights, cache_dir)
 
 
+def abstract_pipeline(spec):
+  """A `Pipeline` of `spec`'s architectures whose params are `jax.ShapeDtypeStruct`s (no weights).
+
+  Args:
+    spec: a `pretrained.tiny`-format spec (configs/tiny.py `tiny_model_spec()`,
+      configs/sd15.py `sd15_architecture()`): unet, vae (with `scaling_factor`), text_encoder,
+      image_encoder and scheduler sections.
+  """
+  rng = jax.random.key(0)
+  unet = unet_lib.from_diffusers_config(dict(spec["unet"]))
+  vae_config = dict(spec["vae"])
+  scaling = vae_config.pop("scaling_factor", 0.18215)
+  vae = vae_lib.from_diffusers_config(vae_config)
+  text = text_encoder_module(dict(spec["text_encoder"]))
+  vision = dict(spec["image_encoder"])
+  encoder = image_encoder_lib.ImageEncoder(config=vision, resize_size=vision["image_size"],
+                                           crop_size=vision["image_size"])
+  return Pipeline(
+      unet=unet, unet_params=jax.eval_shape(unet.init_weights, rng),
+      vae=vae, vae_params=jax.eval_shape(vae.init_weights, rng),
+      text_encoder=text,
+      text_encoder_params=jax.eval_shape(text_encoder_init_fn(text), rng),
+      tokenizer=None, scheduler_config=dict(spec["scheduler"]), image_encoder=encoder,
+      image_encoder_params=jax.eval_shape(encoder.init_weights, rng),
+      vae_scaling_factor=scaling)
+
+
 def _read_json(path):
   with open(path) as file:
     return json.load(file)
