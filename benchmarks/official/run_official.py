@@ -341,34 +341,27 @@ if ARGS.mode == "ddpo":
             "NeuronRecycler init/update skipped")
 
 
+def _attributed_timer(fn, index_key, name):
+    """`fn` timed, its seconds counted as critic_<name> for the first `nsteps` calls of a TDPO
+    sampling call (the per-step critic images) and as final_<name> after them."""
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        out = fn(*a, **kw)
+        dt = time.perf_counter() - t
+        if PIPE_STATE["in_pipe"]:
+            critic_step = ARGS.mode == "tdpo" and PIPE_STATE[index_key] < PIPE_STATE["nsteps"]
+            CLOCK.add(("critic_" if critic_step else "final_") + name, dt)
+            PIPE_STATE[index_key] += 1
+        return out
+
+    return timed
+
+
 def _install_pipeline_timers(pipe):
-    n_decode = {"critic": 0, "final": 0}
-    orig_decode = pipe.vae.decode
-
-    def decode(*a, **kw):
-        t = time.perf_counter()
-        out = orig_decode(*a, **kw)
-        dt = time.perf_counter() - t
-        if PIPE_STATE["in_pipe"]:
-            critic_step = ARGS.mode == "tdpo" and PIPE_STATE["decode_idx"] < PIPE_STATE["nsteps"]
-            CLOCK.add("critic_decode" if critic_step else "final_decode", dt)
-            PIPE_STATE["decode_idx"] += 1
-        return out
-
-    pipe.vae.decode = decode
-    orig_post = pipe.image_processor.postprocess
-
-    def postprocess(*a, **kw):
-        t = time.perf_counter()
-        out = orig_post(*a, **kw)
-        dt = time.perf_counter() - t
-        if PIPE_STATE["in_pipe"]:
-            critic_step = ARGS.mode == "tdpo" and PIPE_STATE["post_idx"] < PIPE_STATE["nsteps"]
-            CLOCK.add("critic_postprocess" if critic_step else "final_postprocess", dt)
-            PIPE_STATE["post_idx"] += 1
-        return out
-
-    pipe.image_processor.postprocess = postprocess
+    pipe.vae.decode = _attributed_timer(pipe.vae.decode, "decode_idx", "decode")
+    pipe.image_processor.postprocess = _attributed_timer(pipe.image_processor.postprocess,
+                                                         "post_idx", "postprocess")
 
     unet_t = {}
 
