@@ -27,23 +27,33 @@ import subprocess
 import sys
 import tempfile
 
-from absl import app
 from absl import flags
 
-_SRC = flags.DEFINE_string("official_src", None, "Checkout of github.com/ZiyiZhang27/tdpo.")
+# Its own FlagValues: importing this script (the tests do) defines no global absl flag, so it
+# cannot clash with another script loaded in the same process.
+FLAGS = flags.FlagValues()
+_SRC = flags.DEFINE_string("official_src", None, "Checkout of github.com/ZiyiZhang27/tdpo.",
+                           flag_values=FLAGS)
 _PYTHON = flags.DEFINE_string(
     "official_python", None,
-    "Python of a venv with the official code's pins (benchmarks/official/make_venv.sh).")
-_EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per side (official: the first is warm-up).")
-_DDPO = flags.DEFINE_bool("ddpo", False, "Also time DDPO (official: TDPO with the critic off).")
-_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "Threads each side may use.")
+    "Python of a venv with the official code's pins (benchmarks/official/make_venv.sh).",
+    flag_values=FLAGS)
+_EPOCHS = flags.DEFINE_integer("epochs", 3, "Epochs per side (official: the first is warm-up).",
+                               flag_values=FLAGS)
+_DDPO = flags.DEFINE_bool("ddpo", False, "Also time DDPO (official: TDPO with the critic off).",
+                          flag_values=FLAGS)
+_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "Threads each side may use.",
+                                flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "tdpo_side_by_side"),
-                               "Where the tiny PyTorch pipeline, logs and result JSONs go.")
+                               "Where the tiny PyTorch pipeline, logs and result JSONs go.",
+                               flag_values=FLAGS)
 _REPEATS = flags.DEFINE_integer(
     "repeats", 1, "Official-then-ours pairs; the ratio is the median of the pairs' ratios (a "
-    "machine whose speed drifts during the run then moves both sides of a pair alike).")
-_OUT = flags.DEFINE_string("out", None, "Optional: write both sides' results here as JSON.")
-flags.mark_flags_as_required(["official_src", "official_python"])
+    "machine whose speed drifts during the run then moves both sides of a pair alike).",
+    flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Optional: write both sides' results here as JSON.",
+                           flag_values=FLAGS)
+flags.mark_flags_as_required(["official_src", "official_python"], flag_values=FLAGS)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -201,4 +211,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    arguments = FLAGS(sys.argv)
+  except flags.Error as error:
+    _fail(" ".join(str(error).split()))
+  main(arguments)
