@@ -263,10 +263,29 @@ class UNetConfig:
 # Layers shared with the VAE (tdpo_jax.models.vae).
 
 
-def group_norm(num_groups, epsilon, dtype, name):
+class GroupNorm(nn.Module):
   """GroupNorm over (h, w, C/G) per group, two-pass variance (as PyTorch), float32 statistics."""
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype,
-                      use_fast_variance=False, name=name)
+  num_groups: int
+  epsilon: float
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    channels = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+    grouped = x.astype(jnp.float32).reshape(
+        (x.shape[0], -1, self.num_groups, channels // self.num_groups))
+    mean = jnp.mean(grouped, axis=(1, 3), keepdims=True)
+    centred = grouped - mean
+    var = jnp.mean(jnp.square(centred), axis=(1, 3), keepdims=True)
+    y = (centred * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def group_norm(num_groups, epsilon, dtype, name):
+  """`GroupNorm` (two-pass variance as PyTorch, float32 statistics)."""
+  return GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, name=name)
 
 
 def conv(features, kernel_size, dtype, name):
