@@ -264,7 +264,14 @@ class UNetConfig:
 
 
 class GroupNorm(nn.Module):
-  """GroupNorm over (h, w, C/G) per group, two-pass variance (as PyTorch), float32 statistics."""
+  """GroupNorm over (h, w, C/G) per group, two-pass variance (as PyTorch), float32 statistics.
+
+  x (B, ..., C) NHWC -> same shape: y = (x - mean_g) / sqrt(var_g + eps) * scale + bias, with
+  mean_g, var_g over the spatial dims and the C/G channels of group g. Normalised in the grouped
+  (B, hw, G, C/G) shape: `flax.linen.GroupNorm` (same parameters, "scale" and "bias" (C,))
+  repeats its (B, G) statistics back to (B, C) first, which made the tiny VAE decode 1.18x
+  slower on CPU (benchmarks/group_norm.py).
+  """
   num_groups: int
   epsilon: float
   dtype: Any = jnp.float32
