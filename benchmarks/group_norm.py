@@ -42,17 +42,16 @@ def main(argv=None):
     raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
+  from tdpo_jax import rollout  # noqa: PLC0415
   from tdpo_jax.models import pipeline as pipeline_lib  # noqa: PLC0415
   from tdpo_jax.models import unet  # noqa: PLC0415
   config = values["config"].value
   pipeline = pipeline_lib.load_pipeline(config.pretrained.model,
                                         cache_dir=config.pretrained.cache_dir,
                                         tiny_spec=config.pretrained.get("tiny"))
-  channels = pipeline.vae.config.latent_channels
-  factor = 2 ** pipeline.vae.config.num_downsamplers
-  latents = jax.random.normal(jax.random.key(0), (values["latents"].value, channels,
-                                                  config.sample.height // factor,
-                                                  config.sample.width // factor))
+  latents = jax.random.normal(
+      jax.random.key(0),
+      (values["latents"].value,) + rollout.latent_shape(pipeline, config.sample))
   ours = unet.group_norm
   compiled, images = {}, {}
   try:
