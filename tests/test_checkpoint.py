@@ -229,14 +229,20 @@ def test_sigterm_and_resume_equals_uninterrupted_run(trainer, cache_dir, tmp_pat
   # SIGTERM once checkpoint 2 (after epoch index 1) is final: the run is in epoch index 2.
   workdir = tmp_path / "preempted"
   command = _command(workdir, cache_dir)
-  process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=helpers.REPO, env=environment)
+  # Output to files, not pipes: nothing reads a pipe while the loop below waits, and a run that
+  # logs more than a pipe holds (64 KiB; e.g. with JAX_LOG_COMPILES=1) would block on it.
+  stdout_path, stderr_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+  with open(stdout_path, "w") as stdout_file, open(stderr_path, "w") as stderr_file:
+    process = subprocess.Popen(command, stdout=stdout_file, stderr=stderr_file, text=True,
+                               cwd=helpers.REPO, env=environment)
   deadline = time.monotonic() + 600
   while not (workdir / "checkpoints" / "2").is_dir():
-    assert process.poll() is None and time.monotonic() < deadline, "run ended before epoch 2"
+    assert process.poll() is None and time.monotonic() < deadline, (
+        f"run ended before epoch 2:\n{stderr_path.read_text()[-3000:]}")
     time.sleep(0.1)
   process.send_signal(signal.SIGTERM)
-  stdout, stderr = process.communicate(timeout=600)
+  process.wait(timeout=600)
+  stdout, stderr = stdout_path.read_text(), stderr_path.read_text()
   assert process.returncode == 75, stderr[-3000:]  # EX_TEMPFAIL: requeue me (main.py)
   assert "preempted: stopped after epoch 2" in stdout
   assert [m["epoch"] for m in metrics_writer.read_metrics(str(workdir))] == [0, 1, 2]
