@@ -109,6 +109,27 @@ def test_sd15_rules_shard_large_kernels():
   assert specs["rng"] == P()
 
 
+def test_put_tree_splits_one_device_leaves_without_compiling(caplog):
+  """Parameters loaded on one device, placed over fsdp: the same values, the asked shardings,
+  and no jitted slice compiled per leaf shape (shapes used by no other test, so no jit cache
+  of this process can hide one)."""
+  mesh = sharding.make_mesh(_mesh_config(2, 4), -1)
+  host = {"kernel": np.arange(24 * 44, dtype=np.float32).reshape(24, 44),
+          "bias": np.arange(44, dtype=np.float32) - 7.0,
+          "embedding": (np.arange(12 * 3, dtype=np.float32) / 5).reshape(12, 3)}
+  specs = {"kernel": P(None, "fsdp"), "bias": P(), "embedding": P("fsdp")}
+  shardings = {name: jax.sharding.NamedSharding(mesh, spec) for name, spec in specs.items()}
+  on_one_device = jax.device_put(host, jax.devices()[0])
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    placed = sharding.put_tree(on_one_device, shardings)
+    jax.block_until_ready(placed)
+  assert not [r.getMessage() for r in caplog.records if "jit(" in r.getMessage()]
+  for name in host:
+    assert placed[name].sharding == shardings[name], name
+    np.testing.assert_array_equal(placed[name], host[name])
+  assert placed["kernel"].addressable_shards[0].data.shape == (24, 11)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("sample.batch_size", 4, "sample.batch_size=4 is not divisible by the 8 batch devices"),
     ("train.batch_size", 4, "train.batch_size=4 is not divisible by the 8 batch devices"),
