@@ -191,8 +191,9 @@ def put_tree(tree, shardings):
 
   A leaf that lives whole on one device (a loaded model's parameters) and is to be split goes
   through the host: `device_put` would otherwise split it with a jitted slice compiled once per
-  leaf shape (the tiny pipeline's frozen parameters on a 2 x 4 mesh: ~70 compiles, ~20 s on a
-  2-core CPU), where NumPy slices the host copy without compiling anything.
+  leaf shape (the tiny pipeline's frozen parameters placed on the 2 x 4 and 1 x 8 meshes of
+  tests/test_sharding.py: 73 compiles, 24 s on a 2-core CPU), where NumPy slices the host copy
+  without compiling anything.
   """
   def via_host(x, sharding):
     if (isinstance(x, jax.Array) and x.is_fully_addressable and len(x.sharding.device_set) == 1
