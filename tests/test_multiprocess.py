@@ -94,26 +94,37 @@ def _relative_error(actual, expected):
   return float(np.linalg.norm(x - y) / np.linalg.norm(y))
 
 
-def _finish(name, process):
+def _start(command, num_devices, log_path):
+  """The command with its output in `log_path`: a file, not a pipe, since the processes are
+  waited for one after the other and one that logs more than a pipe holds (64 KiB) would
+  block while its partner waits for it in a collective."""
+  with open(log_path, "w") as log:
+    process = subprocess.Popen(command, env=_env(num_devices), cwd=helpers.REPO, stdout=log,
+                               stderr=subprocess.STDOUT, text=True)
+  return process, log_path
+
+
+def _finish(name, process, log_path):
   try:
-    output, _ = process.communicate(timeout=TIMEOUT_S)
+    process.wait(timeout=TIMEOUT_S)
   except subprocess.TimeoutExpired:
     process.kill()
-    output, _ = process.communicate()
-    raise AssertionError(f"{name} did not finish in {TIMEOUT_S} s:\n{output[-6000:]}") from None
-  assert process.returncode == 0, f"{name} exited {process.returncode}:\n{output[-6000:]}"
-  return output
+    process.wait()
+    raise AssertionError(f"{name} did not finish in {TIMEOUT_S} s:\n"
+                         f"{log_path.read_text()[-6000:]}") from None
+  assert process.returncode == 0, (
+      f"{name} exited {process.returncode}:\n{log_path.read_text()[-6000:]}")
 
 
 def _finish_all(processes):
   try:
-    for name, process in processes.items():
-      _finish(name, process)
+    for name, (process, log_path) in processes.items():
+      _finish(name, process, log_path)
   finally:
-    for process in processes.values():
+    for process, _ in processes.values():
       if process.poll() is None:
         process.kill()
-        process.communicate()
+        process.wait()
 
 
 @pytest.mark.multiprocess
@@ -126,16 +137,13 @@ def test_two_processes_match_one_process(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   address = f"localhost:{_free_port()}"
   pair = {
-      f"process {i}": subprocess.Popen(
+      f"process {i}": _start(
           _command(multi, cache_dir, "--distributed", f"--coordinator_address={address}",
-                   "--num_processes=2", f"--process_id={i}"),
-          env=_env(4), cwd=helpers.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-          text=True)
+                   "--num_processes=2", f"--process_id={i}"), 4, tmp_path / f"process_{i}.log")
       for i in range(2)}
   _finish_all(pair)
-  _finish_all({"single process": subprocess.Popen(
-      _command(single, cache_dir), env=_env(8), cwd=helpers.REPO, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)})
+  _finish_all({"single process": _start(_command(single, cache_dir), 8,
+                                        tmp_path / "single_process.log")})
 
   got, expected = metrics_writer.read_metrics(multi), metrics_writer.read_metrics(single)
   assert [m["epoch"] for m in got] == list(range(NUM_EPOCHS))
