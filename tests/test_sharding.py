@@ -4,6 +4,7 @@
 - Partition rules: the first match wins, the fallback replicates, "fsdp_largest" picks the largest
   divisible dim, an unmatched path is an error.
 - A batch that does not split over data x fsdp is an error naming both numbers.
+- `put_tree` places one-device leaves on a 2 x 4 mesh without compiling a slice per leaf.
 - The rollout and the train step on meshes (2, 4) and (1, 8) equal one device within 1e-5. (8, 1)
   was dropped for CI time (~150 s): (2, 4) splits the batch over "data" already, and an 8-way
   data mesh runs in the multi-process test (one process of 8 devices vs two of 4).
