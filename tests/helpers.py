@@ -156,3 +156,18 @@ def shared_trainer(config):
   if key not in _TRAINERS:
     _TRAINERS[key] = train.Trainer(config)
   return _TRAINERS[key]
+
+
+def flat(tree):
+  """Every leaf of `tree`, raveled and concatenated, as one float64 vector."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def relative_error(actual, expected):
+  """|x - y| / |y| in Frobenius norm, with float64 sums."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  x, y = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert x.shape == y.shape, (x.shape, y.shape)
+  return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))

@@ -88,12 +88,6 @@ def _saved_state(workdir, step):
     return checkpointer.restore(path, abstract)
 
 
-def _relative_error(actual, expected):
-  x, y = (np.concatenate([np.ravel(np.asarray(leaf, np.float64)) for leaf in leaves])
-          for leaves in (actual, expected))
-  return float(np.linalg.norm(x - y) / np.linalg.norm(y))
-
-
 def _start(command, num_devices, log_path):
   """The command with its output in `log_path`: a file, not a pipe, since the processes are
   waited for one after the other and one that logs more than a pipe holds (64 KiB) would
@@ -172,8 +166,9 @@ def test_two_processes_match_one_process(tmp_path):
   for factor, rtol in (("b", UPDATE_RTOL), ("a", STATE_RTOL)):
     pairs = [(x, y) for (path, x), y in zip(policy, policy_reference) if path[-1].key == factor]
     assert pairs, factor
-    error = _relative_error(*zip(*pairs))
+    actual, expected = zip(*pairs)
+    error = helpers.relative_error(helpers.flat(actual), helpers.flat(expected))
     assert error <= rtol, f"LoRA {factor} factors: relative error {error:.2e} > {rtol}"
   for name in ("critic_params", "critic_opt_state", "policy_opt_state", "normaliser"):
-    error = _relative_error(jax.tree.leaves(state[name]), jax.tree.leaves(reference[name]))
+    error = helpers.relative_error(helpers.flat(state[name]), helpers.flat(reference[name]))
     assert error <= STATE_RTOL, f"{name}: relative error {error:.2e} > {STATE_RTOL}"

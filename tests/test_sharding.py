@@ -186,13 +186,6 @@ def one_device(cache_dir):
   return _sharded_run(_equivalence_config(cache_dir, _mesh_config(1, 1), 1))
 
 
-def _relative_error(actual, expected):
-  """|x - y| / |y| in Frobenius norm, with float64 sums."""
-  x, y = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  assert x.shape == y.shape, (x.shape, y.shape)
-  return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
-
-
 def _assert_close(actual, expected, what, rtol=1e-5, atol=0.0):
   """Every leaf within `rtol` relative (Frobenius norm), or `atol` absolute for leaves that are
   rounding noise around 0.
@@ -202,15 +195,11 @@ def _assert_close(actual, expected, what, rtol=1e-5, atol=0.0):
   """
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
                           jax.tree.leaves(expected)):
-    error = _relative_error(x, y)
+    error = helpers.relative_error(x, y)
     absolute = float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
     assert error <= rtol or absolute <= atol, (
         f"{what}{jax.tree_util.keystr(path)}: relative {error:.2e} > {rtol}, absolute "
         f"{absolute:.2e} > {atol}")
-
-
-def _flat(tree):
-  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
 
 
 @pytest.mark.parametrize("data,fsdp", [(2, 4), (1, 8)])
@@ -230,6 +219,8 @@ def test_sharded_rollout_and_train_step_equal_one_device(cache_dir, one_device, 
   # (~1e-7), so they are compared absolutely, at 1e-6.
   _assert_close(metrics, metrics_1, "metrics", atol=1e-6)
   # Adam's first step is ~lr sign(g): whole trees, not per leaf (see test_train).
-  assert _relative_error(_flat(state.policy_params), _flat(state_1.policy_params)) <= 1e-5
-  assert _relative_error(_flat(state.critic_params), _flat(state_1.critic_params)) <= 1e-5
+  assert helpers.relative_error(helpers.flat(state.policy_params),
+                                helpers.flat(state_1.policy_params)) <= 1e-5
+  assert helpers.relative_error(helpers.flat(state.critic_params),
+                                helpers.flat(state_1.critic_params)) <= 1e-5
   assert int(state.step) == int(state_1.step) == 1
