@@ -20,7 +20,9 @@ Every `eval.every` epochs (and after the last epoch), with `config.eval`:
     states is a sum of closed forms (DESIGN §3, `objectives.gaussian_kl`, mean over latent dims),
         KL_path = sum_t mean_{C,h,w} (mu_theta(x_t, t) - mu_ref(x_t, t))^2 / (2 std_t^2),
     averaged over the samples -> `eval/heldout/kl_to_pretrained` (exactly 0 before the first
-    update; the Monte Carlo part is only over the visited states, never negative).
+    update; the Monte Carlo part is only over the visited states, never negative). It is summed
+    while sampling (`rollout.make_path_kl_rollout_fn`, the trainer's kernel `rollout_kl`): mu_theta
+    is the mean each step sampled from, mu_ref one more guided UNet call on the same x_t.
 Per-prompt rows (prompt, each reward's mean, diversity) go to `<workdir>/eval/epoch_EEEE.csv` and
 to TensorBoard as a markdown table; a captioned grid of the held-out samples to
 `<workdir>/eval/epoch_EEEE.png` (a non-local workdir, `gs://...`, is written through `paths`).
@@ -29,9 +31,10 @@ With `eval.before_training` the held-out set is also evaluated once before the f
 initial policy: `eval/before_training.{json,csv,png}`, TensorBoard step -1), so the curves of every
 algorithm and seed of one config start from the same point.
 
-The held-out rollouts reuse the training rollout kernel (`PolicySampler`) in chunks of
-`sample.batch_size` (the last chunk padded with repeats of its last prompt, dropped afterwards), so they need no new
-compilation and split over the mesh exactly as training samples do.
+The held-out rollouts use the training side's rollout kernels (`PolicySampler`: the training
+rollout itself, or `rollout_kl` with the path KL) in chunks of `sample.batch_size` (the last chunk
+padded with repeats of its last prompt, dropped afterwards), so they split over the mesh exactly as
+training samples do.
 """
 import csv
 import io
@@ -46,13 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tdpo_jax import ddim
 from tdpo_jax import images as images_lib
-from tdpo_jax import objectives
 from tdpo_jax import paths
 from tdpo_jax import prompts as prompts_lib
 from tdpo_jax import rewards
-from tdpo_jax import rollout
 from tdpo_jax import sharding as sharding_lib
 
 # Keeps 1 - cos finite for an all-zero embedding (such a pair counts as distance 1).
@@ -87,38 +87,6 @@ def pairwise_cosine_diversity(embeds):
   return jnp.mean(1.0 - similarity[:, first, second], axis=-1)
 
 
-def make_path_kl_fn(pipeline, sample_config):
-  """`path_kl(policy_unet, ref_unet, trajectory, uncond_embeds) -> (B,)`, pure (jit it).
-
-  KL_path = sum_t mean_{C,h,w} (mu_theta - mu_ref)^2 / (2 std_t^2) over the trajectory's T
-  transitions (module docstring); both means use `pipeline` (one precision for both, so a
-  precision difference never shows up as KL).
-
-  Args of the returned function:
-    policy_unet, ref_unet: UNet params of the current and the pre-trained policy.
-    trajectory: a `rollout.Trajectory` of B samples (latents (B, T+1, C, h, w)).
-    uncond_embeds: (1, L, D) the empty prompt's text embedding.
-  """
-  alphas = jnp.asarray(ddim.alphas_cumprod(pipeline.scheduler_config))
-  num_steps, eta = sample_config.num_steps, sample_config.eta
-
-  def path_kl(policy_unet, ref_unet, trajectory, uncond_embeds):
-    def step_kl(latents, timesteps):
-      means = []
-      for unet in (policy_unet, ref_unet):
-        eps = rollout.guided_eps(pipeline, unet, latents, timesteps, trajectory.prompt_embeds,
-                                 uncond_embeds, sample_config.guidance_scale)
-        means.append(ddim.ddim_mean_std(eps, timesteps, latents, alphas, num_steps, eta))
-      (mean, std), (ref_mean, _) = means
-      return objectives.gaussian_kl(mean, ref_mean, std)
-
-    per_step = jax.vmap(step_kl, in_axes=(1, 1), out_axes=1)(
-        trajectory.latents[:, :-1], trajectory.timesteps)
-    return jnp.sum(per_step, axis=1)
-
-  return path_kl
-
-
 def heldout_prompt_list(config):
   """The P held-out prompts: the first `eval.num_prompts` of `eval.prompts` (0 = all)."""
   prompts = prompts_lib.load_prompts(config.eval.prompts)
@@ -130,7 +98,8 @@ class PolicySampler(NamedTuple):
 
   Attributes:
     rollout_params: (state, frozen) -> the current policy's `rollout.RolloutParams`.
-    rollout_prompts: (params, prompts (list of B strings), key) -> `rollout.Trajectory`.
+    rollout_prompts: (params, prompts (list of B strings), key) -> `rollout.Trajectory`; with
+      `reference_unet=` UNet params, (Trajectory, path KL (B,) to that UNet's policy).
     reward_on_mesh: reward_fn -> the same reward scored on the training mesh
       (`kernels.reward_scorer`).
   """
@@ -149,8 +118,7 @@ class Evaluator:
       config: the run config.
       sampler: `PolicySampler`, the training side's rollout (the held-out samples are drawn by
         the kernel the policy trains with).
-      models: `epoch.EpochModels` (the critic tower for diversity, the frozen pipeline for the
-        path KL).
+      models: `epoch.EpochModels` (the critic tower for diversity).
       train_reward_fn: the training reward (already on the mesh), reused when it is also an
         eval reward.
 
@@ -178,8 +146,6 @@ class Evaluator:
     if self.diversity:
       self.jit_embed_images = jax.jit(models.tower.embed_fn)
     self.kl_to_pretrained = bool(config.eval.kl_to_pretrained)
-    if self.kl_to_pretrained:
-      self.jit_path_kl = jax.jit(make_path_kl_fn(models.frozen_pipeline, config.sample))
 
   def due(self, epoch):
     return self.enabled and is_due(self.config, epoch)
@@ -200,15 +166,17 @@ class Evaluator:
     key = jax.random.key(self.config.eval.seed)
     images, embeds, kls = [], [], []
     for chunk, start in enumerate(range(0, len(padded), batch)):
-      trajectory = sampler.rollout_prompts(params, padded[start:start + batch],
-                                           jax.random.fold_in(key, chunk))
+      chunk_prompts, chunk_key = padded[start:start + batch], jax.random.fold_in(key, chunk)
+      if self.kl_to_pretrained:  # the same samples, with their path KL to the frozen UNet
+        trajectory, kl = sampler.rollout_prompts(params, chunk_prompts, chunk_key,
+                                                 reference_unet=frozen.unet)
+        kls.append(sharding_lib.to_host(kl))
+      else:
+        trajectory = sampler.rollout_prompts(params, chunk_prompts, chunk_key)
       images.append(sharding_lib.to_host(trajectory.images))
       if self.diversity:
         embeds.append(sharding_lib.to_host(
             self.jit_embed_images(frozen.image_encoder, trajectory.images)))
-      if self.kl_to_pretrained:
-        kls.append(sharding_lib.to_host(self.jit_path_kl(
-            params.unet, frozen.unet, trajectory, frozen.uncond_embeds)))
     images = np.concatenate(images)[:total]
     embeds = np.concatenate(embeds)[:total] if self.diversity else None
     kls = np.concatenate(kls)[:total] if self.kl_to_pretrained else None

@@ -11,6 +11,9 @@ parameter tree by `config.sharding.rules` (sharding.py); "repl" is replicated.
   sample_key    rng, epoch, batch -> key                               -> repl
   rollout       RolloutParams, ids (B, L), uncond ids (1, L), key      rules, rows, repl, repl
                 -> Trajectory (leading dim B)                          -> rows (uncond: repl)
+  rollout_kl    the rollout's arguments, reference UNet                rules, rows, repl, repl,
+                -> Trajectory, path KL to the reference (B,)           rules -> rows, rows
+                (the evaluation's `kl_to_pretrained`)
   merge         base UNet, policy params -> UNet (LoRA merged)         -> rules (frozen UNet)
   init_state    base UNet, seed -> TrainState                          rules, repl -> rules
   prepare       state, frozen, Trajectory (N), prompt ids (N),         inferred
@@ -75,6 +78,7 @@ class Kernels:
   encode_text: Callable
   sample_key: Callable
   rollout: Callable
+  rollout_kl: Callable
   merge: Callable
   init_state: Callable
   prepare: Callable
@@ -145,6 +149,10 @@ def make_kernels(config, mesh, models, num_prompts, uncond_ids):
       rollout=jax.jit(rollout.make_rollout_fn(pipeline, config.sample),
                       in_shardings=(rollout_shardings, rows, replicated, replicated),
                       out_shardings=trajectory_shardings),
+      rollout_kl=jax.jit(rollout.make_path_kl_rollout_fn(pipeline, config.sample),
+                         in_shardings=(rollout_shardings, rows, replicated, replicated,
+                                       frozen_shardings.unet),
+                         out_shardings=(trajectory_shardings, rows)),
       merge=jax.jit(lambda base, params: policy.unet_params(config.lora, base, params),
                     out_shardings=frozen_shardings.unet),
       init_state=jax.jit(init_fn, in_shardings=(frozen_shardings.unet, replicated),

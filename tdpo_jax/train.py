@@ -147,9 +147,11 @@ class Trainer:
     return rollout.RolloutParams(unet=unet_params, text_encoder=frozen.text_encoder,
                                  vae=frozen.vae)
 
-  def rollout_prompts(self, params, prompts, rng):
+  def rollout_prompts(self, params, prompts, rng, reference_unet=None):
     """One jitted rollout of a global batch of prompt strings (every process passes all of
-    them, the same on each; each feeds only its own rows). Returns the `Trajectory`.
+    them, the same on each; each feeds only its own rows). Returns the `Trajectory`, or with
+    `reference_unet` (UNet params placed as the frozen UNet) `(Trajectory, path KL (B,))`, the
+    KL of each sample's path to that UNet's policy (kernel `rollout_kl`).
 
     `rng`: a key on the mesh (a kernel's output) or a host key, the same on every process.
     """
@@ -160,7 +162,9 @@ class Trainer:
     uncond_ids = sharding_lib.replicate_host(uncond_ids, self.mesh)
     if not rng.is_fully_replicated or len(rng.sharding.device_set) != self.mesh.size:
       rng = sharding_lib.replicate_host(rng, self.mesh)
-    return self.kernels.rollout(params, input_ids, uncond_ids, rng)
+    if reference_unet is None:
+      return self.kernels.rollout(params, input_ids, uncond_ids, rng)
+    return self.kernels.rollout_kl(params, input_ids, uncond_ids, rng, reference_unet)
 
   def sampler(self):
     """The functions the evaluation samples the policy with (`evaluation.PolicySampler`)."""

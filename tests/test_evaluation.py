@@ -10,6 +10,8 @@
   2-device mesh.
 - The evaluation before training is the held-out evaluation of the initial state (KL to the
   pre-trained model exactly 0), written beside the epochs' and not into metrics.jsonl.
+- The path KL summed while sampling (kernel `rollout_kl`) equals torch's Normal KLs of the two
+  policies' steps on the visited states, and its samples are the training rollout's.
 """
 import csv
 import io
@@ -204,8 +206,8 @@ def _evaluator(config, trainer):
 @pytest.fixture(scope="module")
 def trainer_and_evaluator(cache_dir):
   """One Trainer of `_fast_config` for the module (`helpers.shared_trainer`: the run above uses
-  it too) and one evaluator of it, whose jitted embedding and path-KL functions the other
-  evaluators of this module reuse (a fresh `jax.jit` would compile them again). The evaluator
+  it too) and one evaluator of it, whose jitted embedding function the other evaluators of this
+  module reuse (a fresh `jax.jit` would compile it again). The evaluator
   gets `_fast_config` itself: a shared trainer's `config` may be another test's that differs in
   eval.* (run-only keys)."""
   config = _fast_config(cache_dir)
@@ -247,7 +249,7 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   # same prompts with the same key as above, so its rows are the same images, embeddings and
   # (zero) KLs. It reuses the module evaluator's jitted functions: the same shapes, no compile.
   padded = _evaluator(_fast_config(cache_dir, **{"eval.num_prompts": 3}), trainer)
-  padded.jit_embed_images, padded.jit_path_kl = evaluator.jit_embed_images, evaluator.jit_path_kl
+  padded.jit_embed_images = evaluator.jit_embed_images
   images_p, prompts_p, embeds_p, kls_p = padded.sample_heldout(state, frozen)
   assert images_p.shape[0] == embeds_p.shape[0] == kls_p.shape[0] == 6
   assert prompts_p[:4] == prompts_a and prompts_p[4] == prompts_p[5]
@@ -284,11 +286,15 @@ def test_path_kl_is_the_sum_of_gaussian_kls(trainer_and_evaluator):
           leaf.shape, np.float32)).astype(leaf.dtype), frozen.unet),
       jax.tree.map(lambda leaf: leaf.sharding, frozen.unet))
   params = trainer.rollout_params(trainer.init_state(), frozen).replace(unet=policy_unet)
-  trajectory = trainer.rollout_prompts(params, ["a cat", "a dog", "a cat", "a fox"],
-                                       jax.random.key(4))
-  kl = np.asarray(evaluator.jit_path_kl(policy_unet, frozen.unet, trajectory,
-                                        frozen.uncond_embeds))
-  config, pipeline = evaluator.config, trainer.models.frozen_pipeline
+  prompts, key = ["a cat", "a dog", "a cat", "a fox"], jax.random.key(4)
+  trajectory, kl = trainer.rollout_prompts(params, prompts, key, reference_unet=frozen.unet)
+  kl = np.asarray(kl)
+  # The samples are the training rollout's (the same kernel math, compiled apart).
+  plain = trainer.rollout_prompts(params, prompts, key)
+  for name in ("latents", "log_probs", "images"):
+    np.testing.assert_allclose(getattr(trajectory, name), getattr(plain, name), rtol=1e-5,
+                               atol=1e-6, err_msg=name)
+  config, pipeline = evaluator.config, trainer.models.policy_pipeline
   alphas = ddim.alphas_cumprod(pipeline.scheduler_config)
   expected = np.zeros(kl.shape, np.float64)
 
