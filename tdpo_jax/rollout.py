@@ -152,11 +152,10 @@ def _make_sampler(pipeline, sample_config):
         return out.prev_sample, (out.prev_sample, out.log_prob)
       ref_eps = guided_eps(pipeline, reference_unet, latents, timestep, prompt_embeds,
                            uncond_embeds, guidance_scale)
-      mean, std = ddim.ddim_mean_std(eps, timestep, latents, alphas_cumprod, num_steps, eta)
       ref_mean, _ = ddim.ddim_mean_std(ref_eps, timestep, latents, alphas_cumprod, num_steps,
                                        eta)
       return out.prev_sample, (out.prev_sample, out.log_prob,
-                               objectives.gaussian_kl(mean, ref_mean, std))
+                               objectives.gaussian_kl(out.mean, ref_mean, out.std))
 
     x_0, outputs = jax.lax.scan(step, x_T, (jnp.arange(num_steps), jnp.asarray(timesteps)))
     next_latents, log_probs = outputs[:2]
