@@ -26,6 +26,7 @@ import csv
 import os
 import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -109,12 +110,26 @@ def ascent_rows(trainer, reward_apply, steps, learning_rate, every, save=None):
   return rows
 
 
-def backprop_rows(trainer, reward_apply, steps, learning_rate, every, save=None):
-  """The `backprop` probe's rows (module docstring): dicts of step, reward, gold_fidelity,
-  gold_quality of the fixed-key samples; `save(step, images, prompts)` is called on each."""
+class BackpropFunctions(NamedTuple):
+  """The `backprop` probe's pieces (module docstring); params are the policy's trainable ones.
+
+  params: the pre-trained policy's trainable parameters (`TrainState.policy_params`).
+  prompts: the fixed prompts, each repeated `eval.samples_per_prompt` times (B of them).
+  images(params, key): (B, S, S, 3) images the sampler draws with `key` (jitted).
+  loss(params, key): -mean over the B samples of r(images(params, key)).
+  grad(params, key): d loss / d params through the whole sampler (jitted), a tree like params.
+  """
+  params: Any
+  prompts: list
+  images: Callable
+  loss: Callable
+  grad: Callable
+
+
+def backprop_functions(trainer, reward_apply):
+  """`BackpropFunctions` of `trainer`'s pre-trained policy and the differentiable reward."""
   config = trainer.config
   import jax  # noqa: PLC0415
-  import optax  # noqa: PLC0415
   from tdpo_jax import policy  # noqa: PLC0415
   from tdpo_jax import rollout  # noqa: PLC0415
   state, frozen = trainer.init_state(), trainer.frozen_params()
@@ -130,21 +145,32 @@ def backprop_rows(trainer, reward_apply, steps, learning_rate, every, save=None)
   def loss(params, key):
     return -reward_apply(images_of(params, key), prompts).mean()
 
-  grad_fn = jax.jit(jax.grad(loss))
-  eval_fn = jax.jit(images_of)
+  return BackpropFunctions(params=state.policy_params, prompts=prompts,
+                           images=jax.jit(images_of), loss=loss, grad=jax.jit(jax.grad(loss)))
+
+
+def backprop_rows(trainer, reward_apply, steps, learning_rate, every, save=None,
+                  functions=None):
+  """The `backprop` probe's rows (module docstring): dicts of step, reward, gold_fidelity,
+  gold_quality of the fixed-key samples; `save(step, images, prompts)` is called on each.
+  `functions`: `backprop_functions(trainer, reward_apply)` when the caller already has them."""
+  import jax  # noqa: PLC0415
+  import optax  # noqa: PLC0415
+  functions = functions or backprop_functions(trainer, reward_apply)
+  prompts = functions.prompts
   optimizer = optax.adam(learning_rate)
-  params = state.policy_params
+  params = functions.params
   opt_state = optimizer.init(params)
-  eval_key, rows = jax.random.key(config.eval.seed), []
+  eval_key, rows = jax.random.key(trainer.config.eval.seed), []
   for step in range(steps + 1):
     if step % every == 0 or step == steps:
-      images = eval_fn(params, eval_key)
+      images = functions.images(params, eval_key)
       rows.append(score_row(step, images, prompts, trainer.reward_fn))
       if save is not None:
         save(step, images, prompts)
       print_row(rows[-1])
-    updates, opt_state = optimizer.update(grad_fn(params, jax.random.key(step)), opt_state,
-                                          params)
+    updates, opt_state = optimizer.update(functions.grad(params, jax.random.key(step)),
+                                          opt_state, params)
     params = optax.apply_updates(params, updates)
   return rows
 
