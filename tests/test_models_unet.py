@@ -238,6 +238,64 @@ def test_group_norm_is_the_two_pass_group_norm_with_flax_parameters():
   assert bf16.apply({"params": params}, x).dtype == jnp.bfloat16
 
 
+def _lax_conv(x, w, padding):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), padding,
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("kernel_size, padding", [
+    (3, ((1, 1), (1, 1))), (1, ((0, 0), (0, 0))), (3, ((0, 2), (2, 1)))])
+def test_stride1_conv_values_and_gradients_are_jax_autodiff(kernel_size, padding):
+  """`unet.stride1_conv` and its hand-written input gradient (a convolution with the flipped,
+  transposed kernel) against `lax.conv_general_dilated` and JAX's own transpose rule, on a
+  non-square input with asymmetric padding too; the `nn.Conv` built by `unet.conv` uses it."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, 5, 7, 4))
+  w = jax.random.normal(keys[1], (kernel_size, kernel_size, 4, 3)) * 0.3
+  y, vjp = jax.vjp(lambda x, w: unet.stride1_conv(x, w, padding), x, w)
+  expected, expected_vjp = jax.vjp(lambda x, w: _lax_conv(x, w, padding), x, w)
+  np.testing.assert_allclose(y, expected, rtol=1e-6, atol=1e-6)
+  cotangent = jax.random.normal(keys[2], y.shape)
+  for got, want, name in zip(vjp(cotangent), expected_vjp(cotangent), ("input", "kernel")):
+    assert got.shape == want.shape, name
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+  if kernel_size == 3 and padding == ((1, 1), (1, 1)):
+    module = unet.conv(3, 3, jnp.float32, "conv")
+    params = module.init(jax.random.key(1), x)["params"]
+    np.testing.assert_allclose(module.apply({"params": params}, x),
+                               _lax_conv(x, params["kernel"], padding) + params["bias"],
+                               rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match=r"stride-1 undilated convolution .* strides \(2, 2\)"):
+    unet._flax_stride1_conv(x, w, (2, 2), padding,  # pylint: disable=protected-access
+                            dimension_numbers=jax.lax.conv_dimension_numbers(
+                                x.shape, w.shape, ("NHWC", "HWIO", "NHWC")))
+
+
+def test_stride1_conv_backward_compiles_to_hwio_convolutions():
+  """The reason `stride1_conv` exists: in a gradient inside a scan (the train epoch's loops)
+  every convolution XLA compiles has an HWIO kernel (`01io`), the layout XLA:CPU hands to its
+  fast path; JAX's own rule gives it swapped kernel dims (`01oi`), see
+  benchmarks/conv_backward.py."""
+  import re  # pylint: disable=import-outside-toplevel
+  padding = ((1, 1), (1, 1))
+  keys = jax.random.split(jax.random.key(0), 3)
+  kernels = [jax.random.normal(k, (3, 3, 8, 8)) * 0.1 for k in keys[:2]]
+  inputs = jax.random.normal(keys[2], (3, 2, 4, 4, 8))
+
+  def loss(scale, x):
+    for kernel in kernels:
+      x = jnp.tanh(unet.stride1_conv(x * scale, kernel, padding))
+    return jnp.sum(x ** 2)
+
+  def epoch(scale):
+    return jax.lax.scan(lambda s, x: (s - 0.1 * jax.grad(loss)(s, x), None), scale, inputs)[0]
+
+  hlo = jax.jit(epoch).lower(jnp.ones((8,))).compile().as_text()
+  labels = re.findall(r"convolution\(.*?dim_labels=([\w>-]+)", hlo)
+  assert len(labels) == 2 * len(kernels)  # each conv and its input gradient
+  assert set(labels) == {"b01f_01io->b01f"}
+
+
 def test_remat_same_tree_outputs_and_gradients(shipped):
   module, params = shipped
   remat_module = module.clone(remat_blocks=True, remat_policy="nothing_saveable")
