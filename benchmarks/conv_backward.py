@@ -12,8 +12,9 @@ it in alternation (fresh states each call: the kernel donates its state):
 
   python benchmarks/conv_backward.py --config=tdpo_jax/configs/shapes.py --repeats=3
 
-prints the compiled kernels' convolution dimension labels, the seconds of each (median), the
-ratio ours / JAX's, and the relative difference of the two epochs' policy updates (Frobenius
+prints the compiled kernels' convolution dimension labels, the seconds of each (median; and the
+seconds of its trace + compile, JAX's first, without a persistent cache unless
+$JAX_COMPILATION_CACHE_DIR sets one), the ratio ours / JAX's, and the relative difference of the two epochs' policy updates (Frobenius
 norm over the whole tree: Adam's steps are ~lr sign(g), so single entries that are rounding noise
 around 0 can flip).
 """
@@ -60,7 +61,7 @@ def main(argv=None):
   config = values["config"].value
   config.log.progress = False
   ours = unet.conv
-  trainers, compiled = {}, {}
+  trainers, compiled, compile_seconds = {}, {}, {}
   batches = frozen = None
   try:
     for name, factory in (("jax", jax_conv), ("ours", ours)):
@@ -75,8 +76,10 @@ def main(argv=None):
         host = sharding.replicate_host((np.asarray(prompt_index, np.int32), reward),
                                        trainer.mesh)
         _, batches, _, _ = trainer.kernels.prepare(state, frozen, trajectory, *host)
+      start = time.perf_counter()
       compiled[name] = trainer.kernels.train_epoch.lower(
           trainer.init_state(), frozen, batches).compile()
+      compile_seconds[name] = time.perf_counter() - start
   finally:
     unet.conv = ours
   policy = {name: jax.device_get(fn(trainers[name].init_state(), frozen, batches)[0].policy_params)
@@ -99,7 +102,8 @@ def main(argv=None):
         f"{config.sample.batch_size * config.sample.num_batches_per_epoch} samples x "
         f"{config.sample.num_steps} steps, median of {values['repeats'].value}")
   for name, label in (("jax", "JAX's conv gradient "), ("ours", "unet.stride1_conv   ")):
-    print(f"{label} {median[name]:.3f} s  convolutions {conv_labels(compiled[name])}")
+    print(f"{label} {median[name]:.3f} s  (compile {compile_seconds[name]:.1f} s)  convolutions "
+          f"{conv_labels(compiled[name])}")
   print(f"ratio ours / JAX's   {median['ours'] / median['jax']:.2f}")
   print(f"relative difference of the epoch's policy updates (whole tree) {difference:.1e}")
 
