@@ -153,9 +153,10 @@ def bench_algorithm(config, algorithm, epochs):
   num_steps = config.sample.num_steps
   if trainer.use_critic:
     all_latents = jnp.zeros((n, num_steps, channels, height, width), jnp.float32)
-    chunk = int(config.critic.embed_chunk_size)
+    chunk, branches = int(config.critic.embed_chunk_size), int(config.critic.embed_branches)
     sub["critic"] = (jax.jit(lambda f, c, x: models.critic.apply(
-        {"params": c}, epoch_lib.embed_states(models, f, x, chunk).reshape(-1, models.embed_dim),
+        {"params": c},
+        epoch_lib.embed_states(models, f, x, chunk, branches).reshape(-1, models.embed_dim),
         deterministic=True)), (frozen, state.critic_params, all_latents))
   micro, accum = config.train.batch_size, config.train.gradient_accumulation_steps
   fused = jax.tree.map(

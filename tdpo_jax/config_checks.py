@@ -155,6 +155,7 @@ def check_ranges(config):
                      f"hidden layer (critic.hidden_sizes={hidden_sizes})")
   _at_least(config, "critic.init_std", 0, " (0 = 1/(d+1))", integer=False)
   _at_least(config, "critic.embed_chunk_size", 0, " (0 = every state in one call)")
+  _at_least(config, "critic.embed_branches", 1)
   _in_range(config, "critic.late_fraction", 0, 1, low_open=True)
   # stats
   buffer_size = _at_least(config, "stats.buffer_size", 1)

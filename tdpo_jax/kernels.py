@@ -136,11 +136,11 @@ def make_kernels(config, mesh, models, num_prompts, uncond_ids):
   use_critic = config_checks.ALGORITHMS[config.algorithm][0]
   train_step_fn = train_step_lib.make_train_step(pipeline, models.critic, config,
                                                  use_critic=use_critic)
-  chunk = int(config.critic.embed_chunk_size)
+  chunk, branches = int(config.critic.embed_chunk_size), int(config.critic.embed_branches)
   embed_states = None
   if models.tower is not None:
     embed_states = jax.jit(
-        lambda frozen, latents: epoch_lib.embed_states(models, frozen, latents, chunk))
+        lambda frozen, latents: epoch_lib.embed_states(models, frozen, latents, chunk, branches))
   return Kernels(
       shardings=shardings,
       train_step_fn=train_step_fn,

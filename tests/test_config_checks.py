@@ -56,6 +56,7 @@ BAD_VALUES = [
     ("critic.dropout_rates", (0.2, 0.2, 1.0, 0.0), r"one rate in \[0, 1\) per hidden layer"),
     ("critic.init_std", -0.5, "critic.init_std=-0.5 must be >= 0"),
     ("critic.embed_chunk_size", -1, "critic.embed_chunk_size=-1 must be >= 0"),
+    ("critic.embed_branches", 0, "critic.embed_branches=0 must be >= 1"),
     ("critic.late_fraction", 1.5, r"critic.late_fraction=1.5 must be in \(0, 1\]"),
     ("stats.buffer_size", 0, "stats.buffer_size=0 must be >= 1"),
     ("stats.min_count", 33, "stats.min_count=33 must be <= stats.buffer_size=32"),

@@ -169,3 +169,15 @@ def test_explained_variance_metrics_per_state_and_late():
   np.testing.assert_allclose(metrics["critic/explained_variance"], 0.5, atol=1e-6)
   assert epoch.late_states(10, 0.3) == 7 and epoch.late_states(10, 0.01) == 9
   assert epoch.late_states(4, 1.0) == 0
+
+
+@pytest.mark.parametrize("rows, branches", [(7, 3), (8, 4), (3, 5), (5, 1)])
+def test_in_branches_is_the_function_on_the_whole_batch(rows, branches):
+  """Independent slices (uneven ones too; more branches than rows) give fn(x), rows in order;
+  in a jitted kernel each slice is its own chain of ops: `branches` (at most `rows`) dots."""
+  x = jnp.arange(rows * 4, dtype=jnp.float32).reshape(rows, 4)
+  weight = jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(4, 3)
+  fn = lambda part: jnp.tanh(part @ weight) * jnp.sum(part, axis=1, keepdims=True)
+  np.testing.assert_allclose(epoch.in_branches(fn, x, branches), fn(x), rtol=1e-6)
+  hlo = jax.jit(lambda x: epoch.in_branches(fn, x, branches)).lower(x).as_text()
+  assert hlo.count("dot_general") == min(branches, rows)

@@ -153,6 +153,10 @@ def get_config(arg=None):
   # Images per VAE decode + image-encoder call when the critic embeds the epoch's N T states
   # (one lax.map inside the prepare kernel); 0 = all N T in one call.
   c.critic.embed_chunk_size = 256
+  # With all states in one call (embed_chunk_size 0), that call split into this many independent
+  # chains of ops (epoch.in_branches): XLA:CPU runs independent chains concurrently on its
+  # threads; 1 on accelerators and meshes.
+  c.critic.embed_branches = 1
   # With train.timestep_fraction < 1: embed (and value) only the (sample, timestep) pairs the
   # train phase uses; advantages are then standardised over those pairs only.
   c.critic.embed_train_timesteps_only = False

@@ -25,6 +25,7 @@ def get_config(arg=None):
   c.train.batch_size = 2
   c.train.gradient_accumulation_steps = 4
   c.critic.embed_chunk_size = 0  # all 80 states in one call
+  c.critic.embed_branches = 4  # 4 concurrent chains on a CPU (benchmarks/branches.py: 0.68x)
   c.train.remat = "none"  # or "unet" / "blocks" (configs/sd15.py)
   c.reset.period = 2
   c.log.num_grid_images = 8
