@@ -11,11 +11,11 @@ compiled in this one process and timed in alternation on the same random latents
 prints the seconds of each (median), the ratio, and the largest relative difference of the
 embeddings (float rounding).
 """
-import statistics
 import sys
-import time
 
 from absl import flags
+
+import alternation
 
 
 def define_flags(flag_values, argv):
@@ -29,9 +29,7 @@ def define_flags(flag_values, argv):
 
 def main(argv=None):
   from tdpo_jax import cli  # noqa: PLC0415
-  values, positional = cli.parse(argv, define_flags, "benchmarks/branches.py")
-  if positional:
-    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  values = cli.parse_flags_only(argv, define_flags, "benchmarks/branches.py")
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from tdpo_jax import config_checks  # noqa: PLC0415
@@ -55,13 +53,9 @@ def main(argv=None):
         lambda f, x, b=branches: epoch_lib.embed_states(trainer.models, f, x, chunk, b)).lower(
             frozen, latents).compile()
     embeds[branches] = np.asarray(versions[branches](frozen, latents))  # warm-up
-  seconds = {branches: [] for branches in versions}
-  for _ in range(values["repeats"].value):
-    for branches, fn in versions.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(frozen, latents))
-      seconds[branches].append(time.perf_counter() - start)
-  median = {branches: statistics.median(s) for branches, s in seconds.items()}
+  median = alternation.median_seconds(
+      {branches: (lambda: (frozen, latents), fn) for branches, fn in versions.items()},
+      values["repeats"].value)
   one, many = sorted(versions)
   difference = float(np.max(np.abs(embeds[many] - embeds[one])) / np.max(np.abs(embeds[one])))
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); critic embedding "

@@ -18,11 +18,12 @@ $JAX_COMPILATION_CACHE_DIR sets one), the ratio ours / JAX's, and the relative d
 norm over the whole tree: Adam's steps are ~lr sign(g), so single entries that are rounding noise
 around 0 can flip).
 """
-import statistics
 import sys
 import time
 
 from absl import flags
+
+import alternation
 
 
 def define_flags(flag_values, argv):
@@ -50,9 +51,7 @@ def conv_labels(compiled):
 
 def main(argv=None):
   from tdpo_jax import cli  # noqa: PLC0415
-  values, positional = cli.parse(argv, define_flags, "benchmarks/conv_backward.py")
-  if positional:
-    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  values = cli.parse_flags_only(argv, define_flags, "benchmarks/conv_backward.py")
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from tdpo_jax import sharding  # noqa: PLC0415
@@ -84,14 +83,9 @@ def main(argv=None):
     unet.conv = ours
   policy = {name: jax.device_get(fn(trainers[name].init_state(), frozen, batches)[0].policy_params)
             for name, fn in compiled.items()}  # warm-up
-  seconds = {name: [] for name in compiled}
-  for _ in range(values["repeats"].value):
-    for name, fn in compiled.items():
-      state = trainers[name].init_state()
-      start = time.perf_counter()
-      jax.block_until_ready(fn(state, frozen, batches))
-      seconds[name].append(time.perf_counter() - start)
-  median = {name: statistics.median(s) for name, s in seconds.items()}
+  median = alternation.median_seconds(
+      {name: (lambda name=name: (trainers[name].init_state(), frozen, batches), fn)
+       for name, fn in compiled.items()}, values["repeats"].value)
   start = jax.device_get(trainers["ours"].init_state().policy_params)
   flat = lambda tree: np.concatenate([np.ravel(np.asarray(x, np.float64))
                                       for x in jax.tree.leaves(tree)])

@@ -12,11 +12,11 @@ alternation, so the printed ratio compares them on the same machine at the same 
 prints the seconds of each (median of the repeats), the ratio ours / Flax's, and the largest
 difference of the decoded images (float rounding).
 """
-import statistics
 import sys
-import time
 
 from absl import flags
+
+import alternation
 
 
 def define_flags(flag_values, argv):
@@ -37,9 +37,7 @@ def flax_group_norm(num_groups, epsilon, dtype, name):
 
 def main(argv=None):
   from tdpo_jax import cli  # noqa: PLC0415
-  values, positional = cli.parse(argv, define_flags, "benchmarks/group_norm.py")
-  if positional:
-    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  values = cli.parse_flags_only(argv, define_flags, "benchmarks/group_norm.py")
   import jax  # noqa: PLC0415
   import numpy as np  # noqa: PLC0415
   from tdpo_jax import rollout  # noqa: PLC0415
@@ -64,13 +62,9 @@ def main(argv=None):
       images[name] = np.asarray(compiled[name](pipeline.vae_params, latents))  # warm-up
   finally:
     unet.group_norm = ours
-  seconds = {name: [] for name in compiled}
-  for _ in range(values["repeats"].value):
-    for name, fn in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(pipeline.vae_params, latents))
-      seconds[name].append(time.perf_counter() - start)
-  median = {name: statistics.median(s) for name, s in seconds.items()}
+  median = alternation.median_seconds(
+      {name: (lambda: (pipeline.vae_params, latents), fn) for name, fn in compiled.items()},
+      values["repeats"].value)
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
         f"VAE decode of {latents.shape[0]} latents {tuple(latents.shape[1:])}, "
         f"median of {values['repeats'].value}")

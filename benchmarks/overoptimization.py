@@ -765,9 +765,7 @@ class Args:
 def parse_args(argv):
   from tdpo_jax import cli  # noqa: PLC0415
   from tdpo_jax.configs import sd15  # noqa: PLC0415
-  values, positional = cli.parse(argv, define_flags, "benchmarks/overoptimization.py")
-  if positional:
-    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  values = cli.parse_flags_only(argv, define_flags, "benchmarks/overoptimization.py")
   if not values["out"].value:
     raise SystemExit("error: --out is required (runs/ go there)")
   args = Args()

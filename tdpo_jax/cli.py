@@ -48,6 +48,15 @@ def parse(argv, define, program=None):
   return flag_values, positional
 
 
+def parse_flags_only(argv, define, program=None):
+  """`parse` for a script that takes flags and no positional argument: the flag values, or a
+  one-line `SystemExit` naming the first positional argument."""
+  flag_values, positional = parse(argv, define, program)
+  if positional:
+    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  return flag_values
+
+
 def override_values(flag_values):
   """The `--config.a.b=value` overrides as {"a.b": value} (values parsed by the config's types)."""
   return dict(config_flags.get_override_values(flag_values["config"]))

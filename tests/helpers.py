@@ -2,6 +2,7 @@
 import importlib
 import importlib.util
 import os
+import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,10 +22,17 @@ def load_config(name="tiny", arg=None):
 
 
 def load_script(relative_path, name):
-  """A script of the repo (e.g. "benchmarks/critic_fit.py") imported as module `name`."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
+  """A script of the repo (e.g. "benchmarks/critic_fit.py") imported as module `name`, with its
+  folder on sys.path while it loads, as `python benchmarks/x.py` has it (for
+  benchmarks/alternation.py)."""
+  path = os.path.join(REPO, relative_path)
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  sys.path.insert(0, os.path.dirname(path))
+  try:
+    spec.loader.exec_module(module)
+  finally:
+    sys.path.remove(os.path.dirname(path))
   return module
 
 

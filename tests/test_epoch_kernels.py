@@ -191,9 +191,14 @@ def test_embed_train_timesteps_only(cache_dir, epoch0):
   sample_index, step_index = epoch.train_indices(state.rng, 0, len(epoch0.prompt_index),
                                                  config.sample.num_steps, 5)
   dim = full.models.embed_dim
-  np.testing.assert_allclose(np.asarray(batches.embeds).reshape(-1, dim),
-                             np.asarray(embeds[sample_index, step_index]).reshape(-1, dim),
-                             rtol=1e-5, atol=1e-6)
+  # Per row (one state's embedding): the two kernels embed different batches (40 vs 80 states,
+  # split in `critic.embed_branches` chains), whose float32 rounding the VAE decode amplifies:
+  # rows differed by up to 7.0e-5 relative on an AVX2 AMD EPYC (within 1e-5 elementwise on
+  # earlier machines); a state one step off differs by >= 3.4e-3.
+  got = np.asarray(batches.embeds).reshape(-1, dim)
+  want = np.asarray(embeds[sample_index, step_index]).reshape(-1, dim)
+  row_error = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+  assert row_error.max() <= 5e-4, row_error
   values = np.asarray(batches.old_values).ravel()
   returns = np.asarray(batches.returns).ravel()
   np.testing.assert_allclose(np.asarray(batches.advantages).ravel(),

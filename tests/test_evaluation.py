@@ -268,7 +268,12 @@ def test_heldout_samples_are_fixed_and_mesh_independent(cache_dir, trainer_and_e
   sharded_state = jax.device_put(state, sharded.kernels.shardings.state)
   images_c, _, embeds_c, _ = sharded_eval.sample_heldout(sharded_state, sharded.frozen_params())
   np.testing.assert_allclose(images_c, images_a, atol=1e-4)
-  np.testing.assert_allclose(embeds_c, embeds_a, rtol=1e-3, atol=1e-4)
+  # Per row: the random tiny image tower amplifies the images' rounding (3.1e-6 here) to 1.8e-4
+  # relative in one row on an AVX2 AMD EPYC (within 1e-3 elementwise on earlier machines); two
+  # samples differ by ~0.24.
+  row_error = (np.linalg.norm(embeds_c - embeds_a, axis=1)
+               / np.linalg.norm(embeds_a, axis=1))
+  assert row_error.max() <= 1e-3, row_error
   assert jax.device_count() >= 2
 
 

@@ -509,9 +509,7 @@ def define_flags(flag_values, argv):
 
 def main(argv=None):
   """`argv`: the arguments without the program name (None: sys.argv[1:])."""
-  values, positional = cli.parse(argv, define_flags, "python -m tdpo_jax.shapes.pretrain")
-  if positional:
-    raise SystemExit(f"error: unexpected argument {positional[0]!r}; expected only flags")
+  values = cli.parse_flags_only(argv, define_flags, "python -m tdpo_jax.shapes.pretrain")
   workdir = values["workdir"].value
   if not workdir:
     raise SystemExit("error: --workdir is required")
