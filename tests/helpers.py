@@ -179,3 +179,13 @@ def relative_error(actual, expected):
   x, y = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert x.shape == y.shape, (x.shape, y.shape)
   return float(np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30))
+
+
+def row_relative_errors(actual, expected):
+  """|x_i - y_i| / |y_i| for every row i of two (N, D) arrays, with float64 sums: the bound for
+  per-sample embeddings of deep random-weight networks, whose float32 rounding differs with
+  the batch split and the CPU."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  x, y = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert x.shape == y.shape and x.ndim == 2, (x.shape, y.shape)
+  return np.linalg.norm(x - y, axis=1) / np.maximum(np.linalg.norm(y, axis=1), 1e-30)
