@@ -46,14 +46,15 @@ def define_flags(flag_values, argv):
                        lower_bound=1, flag_values=flag_values)
 
 
-def op_flops(primitive, in_avals, out_aval, params):
-  """Multiply-adds x 2 of one `conv_general_dilated` or `dot_general`.
+def op_flops(eqn):
+  """Multiply-adds x 2 of one `conv_general_dilated` or `dot_general` jaxpr equation.
 
   conv: 2 * |output| * (kernel window * input features per group); dot: 2 * |output| * (product
   of the contracted dims).
   """
   import numpy as np  # noqa: PLC0415
-  if primitive == "conv_general_dilated":
+  in_avals, out_aval, params = [v.aval for v in eqn.invars], eqn.outvars[0].aval, eqn.params
+  if eqn.primitive.name == "conv_general_dilated":
     rhs = in_avals[1].shape
     rhs_spec = params["dimension_numbers"].rhs_spec  # (out feature, in feature, spatial...)
     window = int(np.prod([rhs[d] for d in rhs_spec[2:]]))
@@ -100,7 +101,7 @@ def collect_ops(jaxpr, multiplier=1, counts=None):
       branches = []
       for branch in eqn.params["branches"]:
         sub, sub_unknown = collect_ops(branch.jaxpr, multiplier)
-        branches.append((sum(c * op_flops(*_signature(e)) for c, e in sub.values()), sub))
+        branches.append((sum(c * op_flops(e) for c, e in sub.values()), sub))
         unknown |= sub_unknown
       for key, (count, example) in min(branches, key=lambda b: b[0])[1].items():
         counts.setdefault(key, [0, example])[0] += count
@@ -112,12 +113,8 @@ def collect_ops(jaxpr, multiplier=1, counts=None):
   return counts, unknown
 
 
-def _signature(eqn):
-  return (eqn.primitive.name, [v.aval for v in eqn.invars], eqn.outvars[0].aval, eqn.params)
-
-
 def time_op(eqn, repeats, unroll=INNER_CALLS):
-  """Lower-bound seconds of one call of `eqn` inside a kernel on this machine.
+  """Estimated seconds of one call of `eqn` inside a kernel on this machine (at best).
 
   The op runs `unroll` times in a `lax.scan` over distinct stacked inputs (as in our kernels:
   inside a compiled loop, inputs read from memory, no per-call dispatch), alone and as two
@@ -158,7 +155,7 @@ def phase_ceiling(counts, timings):
   seconds = flops = calls = 0
   for key, (count, eqn) in counts.items():
     seconds += count * timings[key]
-    flops += count * op_flops(*_signature(eqn))
+    flops += count * op_flops(eqn)
     calls += count
   return seconds, flops, calls
 
