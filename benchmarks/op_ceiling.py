@@ -81,6 +81,12 @@ def _sub_jaxprs(eqn):
   return found, unknown
 
 
+def add_counts(into, counts):
+  """Adds the op counts `counts` ({key: [count, eqn]}) into `into`, in place."""
+  for key, (count, eqn) in counts.items():
+    into.setdefault(key, [0, eqn])[0] += count
+
+
 def collect_ops(jaxpr, multiplier=1, counts=None):
   """{op key: [count, example eqn]} of every counted op in `jaxpr` and its sub-jaxprs, counts
   multiplied through scan lengths; plus whether a while loop (unknown trip count) was seen.
@@ -103,8 +109,7 @@ def collect_ops(jaxpr, multiplier=1, counts=None):
         sub, sub_unknown = collect_ops(branch.jaxpr, multiplier)
         branches.append((sum(c * op_flops(e) for c, e in sub.values()), sub))
         unknown |= sub_unknown
-      for key, (count, example) in min(branches, key=lambda b: b[0])[1].items():
-        counts.setdefault(key, [0, example])[0] += count
+      add_counts(counts, min(branches, key=lambda b: b[0])[1])
       continue
     subs, sub_unknown = _sub_jaxprs(eqn)
     unknown |= sub_unknown
@@ -178,11 +183,11 @@ def main(argv=None):
   abstract = kernels_lib.abstract_epoch_inputs(trainer.kernels, config, state, frozen,
                                                trainer.input_uncond)
   n_batches = config.sample.num_batches_per_epoch
-  eval_samples = len(evaluation.heldout_prompt_list(config)) * config.eval.samples_per_prompt
   phases = {"sample": [(trainer.kernels.rollout, abstract["rollout"], n_batches)],
             "prepare": [(trainer.kernels.prepare, abstract["prepare"], 1)],
             "train": [(trainer.kernels.train_epoch, abstract["train_epoch"], 1)]}
   if config.eval.every and config.eval.kl_to_pretrained:
+    eval_samples = len(evaluation.heldout_prompt_list(config)) * config.eval.samples_per_prompt
     eval_calls = math.ceil(eval_samples / config.sample.batch_size)
     phases["eval sampling (KL)"] = [(trainer.kernels.rollout_kl,
                                      abstract["rollout"] + (frozen.unet,), eval_calls)]
@@ -196,8 +201,7 @@ def main(argv=None):
       ops, unknown = collect_ops(jaxpr, calls)
       if unknown:
         flagged.add(phase)
-      for key, (count, eqn) in ops.items():
-        total.setdefault(key, [0, eqn])[0] += count
+      add_counts(total, ops)
     counted[phase] = total
   distinct = {key: eqn for ops in counted.values() for key, (_, eqn) in ops.items()}
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
